@@ -1,0 +1,48 @@
+"""Process start-up: CPU device layout, and jax.distributed.initialize when launched as several processes."""
+import math
+import os
+
+from absl import logging
+import jax
+
+# Set by launchers (our launch/ scripts, or by hand) to run several processes on one or more machines.
+COORDINATOR_ENV = 'DIFFUSION_JAX_COORDINATOR'  # host:port of process 0
+NUM_PROCESSES_ENV = 'DIFFUSION_JAX_NUM_PROCESSES'
+PROCESS_ID_ENV = 'DIFFUSION_JAX_PROCESS_ID'
+
+
+def initialize() -> None:
+  """Joins the processes of a multi-host run: explicit environment variables, or auto-detected clusters.
+
+  TPU VM pods and SLURM are detected by JAX itself; a single plain process does nothing.
+  """
+  if os.environ.get(COORDINATOR_ENV):
+    jax.distributed.initialize(coordinator_address=os.environ[COORDINATOR_ENV],
+                               num_processes=int(os.environ[NUM_PROCESSES_ENV]),
+                               process_id=int(os.environ[PROCESS_ID_ENV]))
+  elif 'SLURM_JOB_ID' in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+    jax.distributed.initialize()
+  elif os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0:
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info('Process %d of %d; %d local of %d devices.', jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+
+
+def configure_cpu_devices(num_cpu_devices: int, batch_sizes: tuple[int, ...]) -> None:
+  """Splits the host CPU into several JAX devices (used only when there is no GPU/TPU); call before jax starts.
+
+  XLA's CPU backend parallelises a small U-Net poorly within one device; one device per core, fed by
+  the data-parallel train step, trains ~1.5x faster on 2 cores. -1 picks the largest count <= the
+  number of cores that divides every batch size; XLA_FLAGS set by the user take precedence.
+  """
+  if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
+    return
+  if num_cpu_devices == -1:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    divisor = math.gcd(*batch_sizes)
+    num_cpu_devices = max(n for n in range(1, cores + 1) if divisor % n == 0)
+  if num_cpu_devices < 1:
+    raise ValueError(f'num_cpu_devices must be >= 1 or -1 (one per core), got {num_cpu_devices}.')
+  jax.config.update('jax_num_cpu_devices', num_cpu_devices)

@@ -1,0 +1,48 @@
+"""Trains or samples a diffusion model.
+
+  python main.py --config=configs/default.py --workdir=runs/digits
+  python main.py --config=configs/cifar10.py --workdir=DIR --config.training.batch_size=256
+  python main.py --config=configs/default.py --workdir=runs/digits --mode=sample
+"""
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py).', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and samples (a local path or gs://).')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'train: train (and resume); sample: sample a checkpoint.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+class QuietLibraries(logging.logging.Filter):
+  """Drops the INFO chatter of orbax (several lines per checkpoint); keeps its warnings."""
+
+  def filter(self, record):
+    return record.levelno >= logging.logging.WARNING or '/orbax/' not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(QuietLibraries())
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')  # TensorFlow only feeds data; JAX owns the accelerators.
+  from diffusion_jax import distributed, sample, train  # pylint: disable=g-import-not-at-top
+  config = FLAGS.config
+  distributed.configure_cpu_devices(config.num_cpu_devices,
+                                    (config.training.batch_size, config.sampling.batch_size))
+  distributed.initialize()
+  logging.info('Config:\n%s', FLAGS.config)
+  try:
+    if FLAGS.mode == 'train':
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    else:
+      sample.sample_from_workdir(FLAGS.config, FLAGS.workdir)
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from None
+
+
+if __name__ == '__main__':
+  app.run(main)

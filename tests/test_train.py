@@ -1,0 +1,140 @@
+"""End to end: train_and_evaluate on a tiny config, resume, sample mode, config overrides and bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import default
+from diffusion_jax import sample, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config():
+  config = default.get_config()
+  config.data.image_size = 8
+  config.model.ch = 8
+  config.model.ch_mult = (1, 2)
+  config.model.attn_resolutions = (4,)
+  config.model.num_groups = 4
+  config.diffusion.num_timesteps = 20
+  config.training.batch_size = 8
+  config.training.num_train_steps = 3
+  config.training.log_every_steps = 1
+  config.training.checkpoint_every_steps = 2
+  config.training.sample_every_steps = 100
+  config.sampling.num_steps = 4
+  config.sampling.num_samples = 6
+  config.sampling.batch_size = 4
+  return config
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A workdir after 3 steps of training: checkpoints at steps 2 and 3."""
+  workdir = str(tmp_path_factory.mktemp('run'))
+  state = train.train_and_evaluate(tiny_config(), workdir)
+  return workdir, jax.device_get(state)
+
+
+def test_train_and_evaluate(trained):
+  workdir, state = trained
+  assert int(state.step) == 3
+  assert sorted(train.checkpoint_manager(workdir).all_steps()) == [2, 3]
+  grid = np.asarray(Image.open(os.path.join(workdir, 'samples', 'ema_step_3.png')))
+  assert grid.shape[:2] == (2 * 8 + 3 * 2, 3 * 8 + 4 * 2)  # 6 samples: 2 rows of 3, 2px borders.
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+  params, ema = jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)
+  assert any(not np.array_equal(p, e) for p, e in zip(params, ema))  # EMA lags the params.
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['model']['ch'] == 8
+
+
+def test_resume_continues_from_the_last_checkpoint(trained, tmp_path):
+  """Training 3 steps, then 2 more on the same workdir, equals training 5 steps at once."""
+  workdir, _ = trained
+  resumed_dir = str(tmp_path / 'resumed')
+  os.system(f'cp -r {workdir} {resumed_dir}')
+  config = tiny_config()
+  config.training.num_train_steps = 5
+  resumed = jax.device_get(train.train_and_evaluate(config, resumed_dir))
+  direct = jax.device_get(train.train_and_evaluate(config, str(tmp_path / 'direct')))
+  assert int(resumed.step) == 5
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, direct.params)
+  jax.tree.map(np.testing.assert_array_equal, resumed.ema_params, direct.ema_params)
+
+
+def test_sample_mode_writes_png_and_npz(trained):
+  workdir, _ = trained
+  out_dir = sample.sample_from_workdir(tiny_config(), workdir)
+  assert out_dir == os.path.join(workdir, 'samples', 'ddim4_eta1.0_uniform_ema_seed1')
+  saved = np.load(os.path.join(out_dir, 'samples.npz'))
+  assert saved['images'].shape == (6, 8, 8, 1) and saved['images'].dtype == np.uint8
+  assert int(saved['step']) == 3
+  grid = np.asarray(Image.open(os.path.join(out_dir, 'grid.png')))
+  assert grid.shape[:2] == (22, 32)
+  again = np.load(os.path.join(sample.sample_from_workdir(tiny_config(), workdir), 'samples.npz'))['images']
+  np.testing.assert_array_equal(again, saved['images'])  # Deterministic given sampling.seed.
+
+
+def test_workdir_of_another_architecture_is_refused(trained):
+  workdir, _ = trained
+  config = tiny_config()
+  config.model.ch = 16
+  with pytest.raises(ValueError, match=r'another architecture.*model: checkpoint .*\'ch\': 8.* vs config .*\'ch\': 16'):
+    train.train_and_evaluate(config, workdir)
+
+
+@pytest.mark.parametrize('section, key, value, message', [
+    ('data', 'dataset', 'imagenet', r"Unknown dataset 'imagenet'; choose one of .*'digits'"),
+    ('sampling', 'method', 'euler', r"Unknown sampler 'euler'; choose one of \['ddim', 'ddpm'\]"),
+    ('diffusion', 'schedule', 'cubic', r"Unknown noise schedule 'cubic'"),
+    ('training', 'batch_size', 0, r'training.batch_size=0 must be a positive multiple'),
+    ('model', 'attn_resolutions', (3,), r'attention resolution\(s\) \[3\] never occur'),
+])
+def test_bad_config_is_refused_before_any_work(section, key, value, message, tmp_path):
+  config = tiny_config()
+  config[section][key] = value
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def run_main(*args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, 'main.py', *args], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+def test_main_without_workdir_is_a_one_line_error():
+  result = run_main('--config=configs/default.py')
+  assert result.returncode != 0
+  assert 'Flag --workdir must have a value other than None' in result.stderr
+
+
+def test_main_unknown_dataset_error_names_the_allowed_values(tmp_path):
+  result = run_main('--config=configs/default.py', f'--workdir={tmp_path}', '--config.data.dataset=mnist2')
+  assert result.returncode != 0
+  assert "Unknown dataset 'mnist2'; choose one of" in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_config_override_from_the_command_line(tmp_path):
+  """--config.a.b=value reaches train_and_evaluate (seen in the saved config.json), and trains."""
+  result = run_main('--config=configs/default.py', f'--workdir={tmp_path}', '--config.data.image_size=8',
+                    '--config.model.ch=8', '--config.model.ch_mult=(1,2)', '--config.model.attn_resolutions=(4,)',
+                    '--config.model.num_groups=4', '--config.training.num_train_steps=1',
+                    '--config.training.batch_size=4', '--config.diffusion.num_timesteps=10',
+                    '--config.sampling.num_steps=2', '--config.sampling.num_samples=4',
+                    '--config.sampling.batch_size=4')
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / 'config.json') as f:
+    saved = json.load(f)
+  assert saved['model']['ch'] == 8 and saved['model']['ch_mult'] == [1, 2]
+  assert saved['training']['num_train_steps'] == 1
+  assert os.path.exists(tmp_path / 'samples' / 'ema_step_1.png')

@@ -1,0 +1,123 @@
+"""The U-Net: parameter counts of the paper, initialisation, bad settings and parity with diffusers."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import FIXTURES
+from diffusion_jax.models import convert
+from diffusion_jax.models.unet import UNet, timestep_embedding
+
+
+def count_params(model, size, channels=3):
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)),
+                                             jnp.zeros((1,), jnp.int32)))
+  return sum(np.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+def test_cifar10_parameter_count():
+  assert count_params(UNet(), 32) == 35_746_307  # Ho et al. (2020), CIFAR-10.
+
+
+def test_256px_parameter_count():
+  model = UNet(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), attn_resolutions=(16,), dropout=0.0)
+  assert count_params(model, 256) == 113_673_219  # CelebA-HQ / LSUN models.
+
+
+def test_cifar10_config_file_builds_the_paper_model():
+  from configs import cifar10
+  from diffusion_jax.models.unet import unet_from_config
+  config = cifar10.get_config()
+  assert count_params(unet_from_config(config.model), config.data.image_size) == 35_746_307
+
+
+def test_output_is_near_zero_at_init():
+  model = UNet(ch=32, ch_mult=(1, 2), attn_resolutions=(8,), num_groups=8)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  t = jnp.array([3, 900])
+  params = model.init(jax.random.key(1), x, t)
+  out = model.apply(params, x, t)
+  assert out.shape == x.shape
+  assert float(jnp.abs(out).max()) < 1e-3
+
+
+def test_non_power_of_two_size_is_padded_and_cropped():
+  """28x28 pads to 32 (for 4 levels) and crops back; the padding never leaks into the crop's shape."""
+  model = UNet(ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8)
+  x = jnp.ones((1, 28, 28, 1))
+  params = model.init(jax.random.key(0), x, jnp.zeros((1,), jnp.int32))
+  assert model.apply(params, x, jnp.zeros((1,), jnp.int32)).shape == (1, 28, 28, 1)
+
+
+def test_timestep_embedding_formula():
+  t = jnp.array([0, 7, 999])
+  emb = timestep_embedding(t, 8)
+  w = np.exp(-np.log(10000) * np.arange(4) / 3)
+  np.testing.assert_allclose(emb, np.concatenate([np.sin(np.outer(t, w)), np.cos(np.outer(t, w))], 1), atol=1e-4)
+
+
+@pytest.mark.parametrize('kwargs, size, message', [
+    (dict(attn_resolutions=(12,)), 32, r'attention resolution\(s\) \[12\] never occur.*\[32, 16, 8, 4\]'),
+    (dict(ch=48), 32, r'channel widths \[48\].*not divisible by the 32 GroupNorm groups'),
+    (dict(ch_mult=(1, 2, 2, 2, 2, 2)), 16, r'image size 16 is too small for 6 levels'),
+])
+def test_bad_settings(kwargs, size, message):
+  model = UNet(**kwargs)
+  with pytest.raises(ValueError, match=message):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32)))
+
+
+def load_fixture(name):
+  with open(os.path.join(FIXTURES, f'diffusers_unet_{name}.json')) as f:
+    meta = json.load(f)
+  state_dict = load_file(os.path.join(FIXTURES, f'diffusers_unet_{name}.safetensors'))
+  io = np.load(os.path.join(FIXTURES, f'diffusers_unet_{name}_io.npz'))
+  return meta, state_dict, io
+
+
+@pytest.mark.parametrize('name', ['cifar_like', 'two_attn'])
+def test_parity_with_diffusers(name):
+  """Same random weights: our output equals diffusers' UNet2DModel within 1e-4 (t = 0, 1, 500, 999)."""
+  meta, state_dict, io = load_fixture(name)
+  model_config, size = convert.model_config_from_diffusers(meta['config'])
+  from diffusion_jax.models.unet import unet_from_config
+  model = unet_from_config(model_config)
+  params = convert.params_from_state_dict(state_dict, model, size, meta['config']['in_channels'])
+  assert sum(np.size(x) for x in jax.tree.leaves(params)) == meta['param_count']
+  out = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t))(params, io['x'], io['t'])
+  np.testing.assert_allclose(out, io['out'], atol=1e-4, rtol=1e-4)
+  assert np.abs(io['out']).max() > 0.1  # The reference is not trivially small.
+
+
+def test_legacy_attention_names_are_accepted():
+  meta, state_dict, _ = load_fixture('two_attn')
+  renamed = {k.replace('to_q.', 'query.').replace('to_out.0.', 'proj_attn.'): v for k, v in state_dict.items()}
+  model_config, size = convert.model_config_from_diffusers(meta['config'])
+  from diffusion_jax.models.unet import unet_from_config
+  model = unet_from_config(model_config)
+  a = convert.params_from_state_dict(state_dict, model, size, 1)
+  b = convert.params_from_state_dict(renamed, model, size, 1)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_bad_state_dicts():
+  meta, state_dict, _ = load_fixture('two_attn')
+  model_config, size = convert.model_config_from_diffusers(meta['config'])
+  from diffusion_jax.models.unet import unet_from_config
+  model = unet_from_config(model_config)
+  missing = dict(state_dict)
+  del missing['conv_out.weight']
+  with pytest.raises(ValueError, match=r"Missing 1 parameter\(s\).*conv_out/kernel"):
+    convert.params_from_state_dict(missing, model, size, 1)
+  extra = dict(state_dict, **{'down_blocks.0.resnets.7.conv1.weight': np.zeros((32, 32, 3, 3), np.float32)})
+  with pytest.raises(ValueError, match=r"Unexpected key 'down_blocks.0.resnets.7.conv1.weight'"):
+    convert.params_from_state_dict(extra, model, size, 1)
+  wrong = dict(state_dict, **{'conv_in.weight': np.zeros((32, 3, 3, 3), np.float32)})
+  with pytest.raises(ValueError, match=r"Shape mismatch for 'conv_in.weight'"):
+    convert.params_from_state_dict(wrong, model, size, 1)
+  with pytest.raises(ValueError, match=r"differs from Ho et al.'s architecture in \{'flip_sin_to_cos': True\}"):
+    convert.model_config_from_diffusers(dict(meta['config'], flip_sin_to_cos=True))
