@@ -27,8 +27,10 @@ from diffusion_jax import diffusion, images, input_pipeline, sampling
 from diffusion_jax.models.unet import check_unet_config, unet_from_config
 from diffusion_jax.schedules import Schedule, schedule_from_config
 
-# Config sections that fix the shapes and meaning of a checkpoint's parameters.
-ARCHITECTURE_KEYS = ('model', 'data.image_size', 'data.channels', 'diffusion.parameterization')
+# Config entries that fix the shapes and meaning of a checkpoint's parameters (dropout does not).
+ARCHITECTURE_KEYS = ('model.ch', 'model.ch_mult', 'model.num_res_blocks', 'model.attn_resolutions',
+                     'model.resamp_with_conv', 'model.num_groups', 'data.image_size', 'data.channels',
+                     'diffusion.parameterization')
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -167,7 +169,7 @@ def architecture(config) -> dict:
     node = config
     for part in key.split('.'):
       node = node[part]
-    flat[key] = node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node
+    flat[key] = node
   return json.loads(json.dumps(flat))  # Tuples become lists, as in the saved JSON.
 
 

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 
 from conftest import FIXTURES
 from diffusion_jax.models import convert
-from diffusion_jax.models.unet import UNet, timestep_embedding
+from diffusion_jax.models.unet import UNet, timestep_embedding, unet_from_config
 
 
 def count_params(model, size, channels=3):
@@ -30,7 +30,6 @@ def test_256px_parameter_count():
 
 def test_cifar10_config_file_builds_the_paper_model():
   from configs import cifar10
-  from diffusion_jax.models.unet import unet_from_config
   config = cifar10.get_config()
   assert count_params(unet_from_config(config.model), config.data.image_size) == 35_746_307
 
@@ -83,10 +82,9 @@ def load_fixture(name):
 def test_parity_with_diffusers(name):
   """Same random weights: our output equals diffusers' UNet2DModel within 1e-4 (t = 0, 1, 500, 999)."""
   meta, state_dict, io = load_fixture(name)
-  model_config, size = convert.model_config_from_diffusers(meta['config'])
-  from diffusion_jax.models.unet import unet_from_config
+  model_config, data_config = convert.model_config_from_diffusers(meta['config'])
   model = unet_from_config(model_config)
-  params = convert.params_from_state_dict(state_dict, model, size, meta['config']['in_channels'])
+  params = convert.params_from_state_dict(state_dict, model, data_config.image_size, data_config.channels)
   assert sum(np.size(x) for x in jax.tree.leaves(params)) == meta['param_count']
   out = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t))(params, io['x'], io['t'])
   np.testing.assert_allclose(out, io['out'], atol=1e-4, rtol=1e-4)
@@ -96,9 +94,9 @@ def test_parity_with_diffusers(name):
 def test_legacy_attention_names_are_accepted():
   meta, state_dict, _ = load_fixture('two_attn')
   renamed = {k.replace('to_q.', 'query.').replace('to_out.0.', 'proj_attn.'): v for k, v in state_dict.items()}
-  model_config, size = convert.model_config_from_diffusers(meta['config'])
-  from diffusion_jax.models.unet import unet_from_config
+  model_config, data_config = convert.model_config_from_diffusers(meta['config'])
   model = unet_from_config(model_config)
+  size = data_config.image_size
   a = convert.params_from_state_dict(state_dict, model, size, 1)
   b = convert.params_from_state_dict(renamed, model, size, 1)
   jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -106,9 +104,9 @@ def test_legacy_attention_names_are_accepted():
 
 def test_bad_state_dicts():
   meta, state_dict, _ = load_fixture('two_attn')
-  model_config, size = convert.model_config_from_diffusers(meta['config'])
-  from diffusion_jax.models.unet import unet_from_config
+  model_config, data_config = convert.model_config_from_diffusers(meta['config'])
   model = unet_from_config(model_config)
+  size = data_config.image_size
   missing = dict(state_dict)
   del missing['conv_out.weight']
   with pytest.raises(ValueError, match=r"Missing 1 parameter\(s\).*conv_out/kernel"):
@@ -121,3 +119,30 @@ def test_bad_state_dicts():
     convert.params_from_state_dict(wrong, model, size, 1)
   with pytest.raises(ValueError, match=r"differs from Ho et al.'s architecture in \{'flip_sin_to_cos': True\}"):
     convert.model_config_from_diffusers(dict(meta['config'], flip_sin_to_cos=True))
+
+
+def test_import_diffusers_checkpoint_into_a_workdir_and_sample(tmp_path):
+  """The CLI path: a diffusers folder becomes a step-0 checkpoint that sample mode reads."""
+  import shutil
+  from configs import default
+  from diffusion_jax import import_diffusers, sample, train
+  meta, _, io = load_fixture('two_attn')
+  model_dir = tmp_path / 'hub'
+  model_dir.mkdir()
+  with open(model_dir / 'config.json', 'w') as f:
+    json.dump(meta['config'], f)
+  shutil.copy(os.path.join(FIXTURES, 'diffusers_unet_two_attn.safetensors'),
+              model_dir / 'diffusion_pytorch_model.safetensors')
+  config = default.get_config()
+  config.data.image_size, config.data.channels = 24, 1
+  config.model.update(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, attn_resolutions=(24, 12), num_groups=32)
+  config.sampling.update(num_steps=2, num_samples=2, batch_size=2)
+  state = import_diffusers.import_to_workdir(config, str(model_dir), str(tmp_path / 'run'))
+  model = unet_from_config(config.model)
+  out = model.apply({'params': state.ema_params}, io['x'], io['t'])
+  np.testing.assert_allclose(out, io['out'], atol=1e-4)
+  saved = np.load(os.path.join(sample.sample_from_workdir(config, str(tmp_path / 'run')), 'samples.npz'))
+  assert saved['images'].shape == (2, 24, 24, 1) and int(saved['step']) == 0
+  config.model.num_res_blocks = 2
+  with pytest.raises(ValueError, match=r"does not describe the model.*'model.num_res_blocks': \(2, 1\)"):
+    import_diffusers.import_to_workdir(config, str(model_dir), str(tmp_path / 'other'))

@@ -22,8 +22,8 @@ RESNET_NAMES = {'norm1': 'norm0', 'conv1': 'conv0', 'time_emb_proj': 'temb_proj'
 ATTENTION_NAMES = {'group_norm': 'norm', 'to_q': 'q', 'to_k': 'k', 'to_v': 'v', 'to_out.0': 'proj_out'}
 
 
-def model_config_from_diffusers(config: dict) -> tuple[ml_collections.ConfigDict, int]:
-  """(config.model, image size) of the UNet equal to a diffusers UNet2DModel config.json."""
+def model_config_from_diffusers(config: dict) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+  """(config.model, config.data with image_size and channels) of the UNet equal to a diffusers config.json."""
   expected = dict(time_embedding_type='positional', freq_shift=1, flip_sin_to_cos=False, norm_eps=1e-6,
                   act_fn='silu', resnet_time_scale_shift='default', downsample_padding=0, center_input_sample=False,
                   mid_block_scale_factor=1, attention_head_dim=None, class_embed_type=None, num_class_embeds=None)
@@ -41,11 +41,14 @@ def model_config_from_diffusers(config: dict) -> tuple[ml_collections.ConfigDict
   attn_resolutions = [size // 2**level for level, kind in enumerate(down) if kind.startswith('Attn')]
   if [kind.startswith('Attn') for kind in down] != [kind.startswith('Attn') for kind in reversed(up)]:
     raise ValueError(f'Attention in down_block_types {down} and up_block_types {up} is not symmetric.')
+  if config['out_channels'] != config['in_channels']:
+    raise ValueError(f'out_channels={config["out_channels"]} differs from in_channels={config["in_channels"]}; '
+                     f'this project predicts an output of the input\'s shape.')
   model = ml_collections.ConfigDict(dict(
       ch=ch, ch_mult=tuple(w // ch for w in widths), num_res_blocks=config['layers_per_block'],
       attn_resolutions=tuple(attn_resolutions), dropout=float(config.get('dropout', 0.0)), resamp_with_conv=True,
-      num_groups=config['norm_num_groups'], out_channels=config['out_channels']))
-  return model, size
+      num_groups=config['norm_num_groups']))
+  return model, ml_collections.ConfigDict(dict(image_size=size, channels=config['in_channels']))
 
 
 def flax_name(key: str, num_levels: int) -> tuple[str, ...]:
@@ -133,10 +136,11 @@ def params_from_state_dict(state_dict: dict[str, np.ndarray], model: UNet, image
   return params
 
 
-def load_diffusers_unet(path: str) -> tuple[UNet, dict[str, Any], ml_collections.ConfigDict, int]:
+def load_diffusers_unet(path: str) -> tuple[UNet, dict[str, Any], ml_collections.ConfigDict,
+                                            ml_collections.ConfigDict]:
   """Loads a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors).
 
-  Returns (model, params, model config, image size).
+  Returns (model, params, config.model, config.data with image_size and channels).
   """
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   config_path = os.path.join(path, 'config.json')
@@ -147,11 +151,11 @@ def load_diffusers_unet(path: str) -> tuple[UNet, dict[str, Any], ml_collections
                               f'diffusion_pytorch_model.safetensors (e.g. the unet/ folder of google/ddpm-cifar10-32).')
   with open(config_path) as f:
     diffusers_config = json.load(f)
-  model_config, image_size = model_config_from_diffusers(diffusers_config)
+  model_config, data_config = model_config_from_diffusers(diffusers_config)
   try:
     state_dict = load_file(weights_path)
   except Exception as e:
     raise ValueError(f'Cannot read {weights_path}: {e}') from e
   model = unet_from_config(model_config)
-  params = params_from_state_dict(state_dict, model, image_size, diffusers_config['in_channels'])
-  return model, params, model_config, image_size
+  params = params_from_state_dict(state_dict, model, data_config.image_size, data_config.channels)
+  return model, params, model_config, data_config

@@ -1,0 +1,61 @@
+"""Turns a diffusers UNet2DModel checkpoint into a workdir that `main.py --mode=sample` (or train) can use.
+
+  python -m diffusion_jax.import_diffusers --config=configs/cifar10.py \
+      --model_dir=ddpm-cifar10-32 --workdir=runs/ddpm-cifar10-official
+  python main.py --config=configs/cifar10.py --workdir=runs/ddpm-cifar10-official --mode=sample
+
+model_dir is a folder with config.json and diffusion_pytorch_model.safetensors, e.g. a download of
+https://huggingface.co/google/ddpm-cifar10-32 (the official weights of Ho et al., ported by diffusers).
+The imported weights become both the params and the EMA params of a step-0 checkpoint.
+"""
+from absl import app, flags, logging
+import jax
+import ml_collections
+from ml_collections import config_flags
+import orbax.checkpoint as ocp
+
+from diffusion_jax import train
+from diffusion_jax.models.convert import load_diffusers_unet
+
+FLAGS = flags.FLAGS
+
+
+def import_to_workdir(config: ml_collections.ConfigDict, model_dir: str, workdir: str) -> train.TrainState:
+  """Writes a step-0 checkpoint of the diffusers model into a new workdir; config must describe the same model."""
+  _, params, model_config, data_config = load_diffusers_unet(model_dir)
+  imported = ml_collections.ConfigDict(config.to_dict())
+  imported.model.update(model_config)
+  imported.data.update(data_config)
+  wanted, found = train.architecture(config), train.architecture(imported)
+  differences = {k: (wanted[k], found[k]) for k in wanted if wanted[k] != found[k]}
+  if differences:
+    raise ValueError(f'The config does not describe the model in {model_dir}; (config, checkpoint): {differences}.')
+  mesh = train.create_mesh()
+  manager = train.checkpoint_manager(workdir)
+  if manager.latest_step() is not None:
+    raise ValueError(f'{workdir} already holds checkpoints; import into a new workdir.')
+  train.check_workdir_config(config, workdir)
+  tx = train.create_optimizer(config.optim)
+  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  state = train.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                           ema_params=jax.tree.map(lambda p: p + 0.0, params), opt_state=tx.init(params))
+  manager.save(0, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  logging.info('Imported %s into %s (step 0).', model_dir, workdir)
+  return state
+
+
+def main(argv):
+  del argv
+  try:
+    import_to_workdir(FLAGS.config, FLAGS.model_dir, FLAGS.workdir)
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from None
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'The config file describing the same model.', lock_config=True)
+  flags.DEFINE_string('model_dir', None, 'A diffusers UNet2DModel folder (config.json + .safetensors).')
+  flags.DEFINE_string('workdir', None, 'A new workdir to write the checkpoint and config.json into.')
+  flags.mark_flags_as_required(['config', 'model_dir', 'workdir'])
+  app.run(main)
