@@ -17,6 +17,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
@@ -158,7 +159,8 @@ def generate(sample_fn, params, rng: jax.Array, num_samples: int, batch_size: in
   """Runs sample_fn over ceil(num_samples / batch_size) batches; returns uint8 (num_samples, H, W, C)."""
   batches = []
   for i in range(-(-num_samples // batch_size)):
-    batches.append(input_pipeline.to_uint8(jax.device_get(sample_fn(params, jax.random.fold_in(rng, i))[-1])))
+    final = sample_fn(params, jax.random.fold_in(rng, i))[-1]  # Split over the devices of all hosts.
+    batches.append(input_pipeline.to_uint8(multihost_utils.process_allgather(final, tiled=True)))
   return np.concatenate(batches)[:num_samples]
 
 
@@ -213,15 +215,19 @@ def abstract_train_state(config, model, tx, mesh: Mesh) -> TrainState:
 
 
 class StopSignal:
-  """Turns SIGTERM (preemption, kill) and the first Ctrl-C into a flag that the training loop checks.
+  """Preemption and interruption: the training loop asks `requested(step)` after every step.
 
-  The loop then saves a checkpoint and returns; a second Ctrl-C interrupts at once.
+  One process: SIGTERM (preemption, kill) and the first Ctrl-C set a flag (a second Ctrl-C
+  interrupts at once). Several processes: JAX's preemption sync point, so that all processes
+  agree on the step at which to save and stop.
   """
 
   def __init__(self):
+    self.multiprocess = jax.process_count() > 1
     self.received = False
-    signal.signal(signal.SIGTERM, self._handle)
-    signal.signal(signal.SIGINT, self._handle)
+    if not self.multiprocess:
+      signal.signal(signal.SIGTERM, self._handle)
+      signal.signal(signal.SIGINT, self._handle)
 
   def _handle(self, signum, frame):
     del frame
@@ -229,9 +235,15 @@ class StopSignal:
     self.received = True
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+  def requested(self, step: int) -> bool:
+    if self.multiprocess:
+      self.received = self.received or multihost_utils.reached_preemption_sync_point(step)
+    return self.received
+
   def restore(self):
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if not self.multiprocess:
+      signal.signal(signal.SIGTERM, signal.SIG_DFL)
+      signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def write_sample_grid(writer, sample_fn, params, config, workdir: str, step: int) -> None:
@@ -283,38 +295,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   stop = StopSignal()
   logging.info('Training from step %d to %d on %d device(s).', start_step, num_steps, mesh.size)
 
-  def save(step):
-    manager.save(step, args=ocp.args.StandardSave(state))
-
   step = start_step
-  metrics = None
-  while step < num_steps:
-    local = next(batches)
-    batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
-    state, metrics = train_step(state, batch, train_rng)
-    step += 1
-    report(step)
-    is_last = step == num_steps
-    if step % config.training.log_every_steps == 0 or is_last or stop.received:
-      logged = jax.device_get(metrics)
-      if not np.isfinite(logged['loss']):
-        manager.wait_until_finished()
-        raise NonFiniteLossError(f'The loss is {logged["loss"]} at step {step}; stopping. The last good '
-                                 f'checkpoint is at step {manager.latest_step()} in {manager.directory}.')
-      writer.write_scalars(step, {k: float(v) for k, v in logged.items()})
-    if step % config.training.checkpoint_every_steps == 0 or is_last or stop.received:
-      if not np.isfinite(jax.device_get(metrics['loss'])):
-        raise NonFiniteLossError(f'The loss is not finite at step {step}; not saving it. The last good '
-                                 f'checkpoint is at step {manager.latest_step()} in {manager.directory}.')
-      save(step)
-    if stop.received:
-      break
-    if step % config.training.sample_every_steps == 0 or is_last:
-      write_sample_grid(writer, sample_fn, state.ema_params, config, workdir, step)
-  manager.wait_until_finished()
-  writer.flush()
-  stop.restore()
+  try:
+    while step < num_steps:
+      local = next(batches)
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+      state, metrics = train_step(state, batch, train_rng)
+      step += 1
+      report(step)
+      is_last = step == num_steps
+      stopping = stop.requested(step)
+      if step % config.training.log_every_steps == 0 or is_last or stopping:
+        writer.write_scalars(step, check_finite(jax.device_get(metrics), step, manager))
+      if step % config.training.checkpoint_every_steps == 0 or is_last or stopping:
+        check_finite(jax.device_get(metrics), step, manager)
+        manager.save(step, args=ocp.args.StandardSave(state))
+      if stopping:
+        break
+      if step % config.training.sample_every_steps == 0 or is_last:
+        write_sample_grid(writer, sample_fn, state.ema_params, config, workdir, step)
+  finally:
+    manager.wait_until_finished()
+    writer.flush()
+    stop.restore()
   return state
+
+
+def check_finite(metrics: dict, step: int, manager: ocp.CheckpointManager) -> dict:
+  """Returns the metrics as floats; raises NonFiniteLossError (naming the step) if the loss is NaN or Inf."""
+  if not np.isfinite(metrics['loss']):
+    manager.wait_until_finished()
+    raise NonFiniteLossError(f'The loss is {metrics["loss"]} at step {step}; stopping without saving it. The last '
+                             f'good checkpoint is at step {manager.latest_step()} in {manager.directory}.')
+  return {k: float(v) for k, v in metrics.items()}
 
 
 def flatten(tree: dict, prefix: str = '') -> dict:

@@ -1,6 +1,10 @@
-"""Shared test set-up: quiet TensorFlow, and the path of the committed fixtures."""
+"""Shared test set-up: quiet TensorFlow, a compilation cache shared by tests and their subprocesses, fixtures."""
 import os
+import tempfile
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Many tests compile the same tiny model; subprocesses inherit the cache through the environment.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'diffusion_jax_test_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')

@@ -1,0 +1,216 @@
+"""Training at scale: devices, hosts, bit-identical resume after SIGKILL, EMA, event files, bad input."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from diffusion_jax import train
+from diffusion_jax.models.unet import unet_from_config
+from diffusion_jax.schedules import schedule_from_config
+from test_train import REPO, tiny_config
+
+SCRIPT = os.path.join(REPO, 'tests', 'run_tiny_training.py')
+
+
+def run_script(args, devices=1, check=True):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return subprocess.Popen([sys.executable, SCRIPT, *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def finish(process):
+  _, err = process.communicate(timeout=600)
+  assert process.returncode == 0, err[-3000:]
+
+
+def assert_same_training(a, b):
+  """Equal params and EMA params, to float32 rounding amplified by Adam.
+
+  In its first steps Adam moves each parameter by about +-lr whatever the gradient's size, so where a
+  gradient is zero up to rounding (summed in another order across devices) a parameter can move the
+  other way: single entries may differ by up to the sum of the learning rates (6e-5 here), while the
+  whole tree must agree to 1e-4 relative (seen: 1e-5).
+  """
+  assert set(a.files) == set(b.files)
+  keys = [k for k in a.files if '/' in k]
+  for key in keys:
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-4, err_msg=key)
+  for kind in ('params/', 'ema/'):
+    difference = np.sqrt(sum(((a[k] - b[k]).astype(np.float64)**2).sum() for k in keys if k.startswith(kind)))
+    norm = np.sqrt(sum((b[k].astype(np.float64)**2).sum() for k in keys if k.startswith(kind)))
+    assert difference < 1e-4 * norm, (kind, difference / norm)
+
+
+@pytest.fixture(scope='module')
+def one_device_run(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('one')
+  finish(run_script([tmp / 'run', tmp / 'out.npz'], devices=1))
+  return np.load(tmp / 'out.npz')
+
+
+def test_eight_devices_equal_one_device(one_device_run, tmp_path):
+  """Global batch 8 over 8 simulated devices trains to the same params as over 1 device."""
+  finish(run_script([tmp_path / 'run', tmp_path / 'out.npz'], devices=8))
+  eight = np.load(tmp_path / 'out.npz')
+  assert int(eight['devices']) == 8 and int(one_device_run['devices']) == 1
+  assert_same_training(eight, one_device_run)
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(one_device_run, tmp_path):
+  """Two processes on 127.0.0.1 (through launch/local.sh), each reading half of every batch, train like one."""
+  command = ['bash', os.path.join(REPO, 'launch', 'local.sh'), '--num-processes', '2', '--port', str(free_port()),
+             '--devices-per-process', '1', '--log-dir', str(tmp_path), '--', sys.executable, SCRIPT,
+             str(tmp_path / 'run'), str(tmp_path / 'out.npz'), '4']
+  result = subprocess.run(command, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:] + open(tmp_path / 'process_1.log').read()[-3000:]
+  two = np.load(tmp_path / 'out.npz')
+  assert int(two['processes']) == 2 and int(two['devices']) == 2
+  assert_same_training(two, one_device_run)
+
+
+def scalars(workdir):
+  """The event files' reader, and {tag: [(step, value)]} of its scalar summaries."""
+  import tensorflow as tf
+  events = event_accumulator.EventAccumulator(str(workdir), size_guidance={'tensors': 0, 'scalars': 0})
+  events.Reload()
+  values = {tag: [(e.step, tf.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)]
+            for tag in events.Tags()['tensors']}
+  return events, {tag: [(step, float(v)) for step, v in pairs] for tag, pairs in values.items()
+                  if pairs and np.ndim(pairs[0][1]) == 0 and np.issubdtype(pairs[0][1].dtype, np.number)}
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+  """Train 12 steps straight; separately, SIGKILL between checkpoints and resume to 12: identical results."""
+  straight = tmp_path / 'straight'
+  finish(run_script([straight, tmp_path / 'straight.npz', 12]))
+
+  killed = tmp_path / 'killed'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  flags = ['--config.data.image_size=8', '--config.model.ch=8', '--config.model.ch_mult=(1,2)',
+           '--config.model.attn_resolutions=(4,)', '--config.model.num_groups=4', '--config.training.batch_size=8',
+           '--config.diffusion.num_timesteps=20', '--config.sampling.num_steps=4', '--config.sampling.num_samples=6',
+           '--config.sampling.batch_size=4', '--config.training.log_every_steps=1',
+           '--config.training.checkpoint_every_steps=4', '--config.training.sample_every_steps=100',
+           '--config.training.num_train_steps=100000', '--config.num_cpu_devices=1']
+  process = subprocess.Popen([sys.executable, 'main.py', '--config=configs/default.py', f'--workdir={killed}', *flags],
+                             cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+  for line in process.stderr:
+    # Kill after the (asynchronous) checkpoint of step 4 is complete, at a step that is not a checkpoint.
+    step = re.search(r'\] \[(\d+)\] .*loss=', line)
+    if step and int(step.group(1)) % 4 and os.path.isdir(killed / 'checkpoints' / '4'):
+      process.send_signal(signal.SIGKILL)
+      break
+  process.wait(timeout=60)
+  assert process.returncode == -signal.SIGKILL
+  assert 4 in train.checkpoint_manager(str(killed)).all_steps()
+  finish(run_script([killed, tmp_path / 'killed.npz', 12]))
+
+  a, b = np.load(tmp_path / 'straight.npz'), np.load(tmp_path / 'killed.npz')
+  for key in a.files:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  _, straight_scalars = scalars(straight)
+  _, killed_scalars = scalars(killed)
+  straight_losses = dict(straight_scalars['loss'])
+  killed_losses = dict(killed_scalars['loss'])  # Steps 5-6 were logged twice: before the kill and after resume.
+  assert sorted(killed_losses) == list(range(1, 13))
+  assert killed_losses == straight_losses
+
+
+def test_event_files_hold_the_scalars_and_images(tmp_path):
+  config = tiny_config()
+  config.training.num_train_steps = 2
+  train.train_and_evaluate(config, str(tmp_path))
+  events, values = scalars(tmp_path)
+  for tag in ('loss', 'grad_norm', 'param_norm', 'learning_rate', 'ema_decay', 'steps_per_sec'):
+    assert tag in values, sorted(values)
+  assert [step for step, _ in values['loss']] == [1, 2]
+  # Warmup: learning rate at step 0 and 1 (metrics report the rate used by that step).
+  lr = dict(values['learning_rate'])
+  np.testing.assert_allclose([lr[1], lr[2]], [0.0, config.optim.learning_rate / config.optim.warmup_steps], rtol=1e-6)
+  assert 'ema_samples' in events.Tags()['tensors']
+
+
+def test_ema_equals_the_closed_form(tmp_path):
+  """After k steps, ema = prod(d) p_0 + sum_i (1 - d_i) prod_{j>i} d_j p_i, with the warmed-up decays."""
+  config = tiny_config()
+  mesh = train.create_mesh()
+  model = unet_from_config(config.model)
+  tx = train.create_optimizer(config.optim)
+  state = train.create_train_state(config, model, tx, jax.random.key(0))
+  step_fn = train.make_train_step(config, model, tx, schedule_from_config(config.diffusion), mesh)
+  params_sequence = [jax.device_get(state.params)]
+  decays = []
+  rng = np.random.default_rng(0)
+  for _ in range(4):
+    batch = {'image': jnp.asarray(rng.uniform(-1, 1, (8, 8, 8, 1)), jnp.float32), 'label': jnp.zeros(8, jnp.int32)}
+    state, metrics = step_fn(state, batch, jax.random.key(1))
+    params_sequence.append(jax.device_get(state.params))
+    decays.append(float(metrics['ema_decay']))
+  np.testing.assert_allclose(decays, [min(0.999, (1 + s) / (10 + s)) for s in range(4)], rtol=1e-6)
+
+  def closed_form(*leaves):
+    p = [np.asarray(x, np.float64) for x in leaves]
+    ema = np.prod(decays) * p[0]
+    for i, d in enumerate(decays):
+      ema = ema + (1 - d) * np.prod(decays[i + 1:]) * p[i + 1]
+    return ema
+
+  expected = jax.tree.map(closed_form, *params_sequence)
+  jax.tree.map(lambda e, x: np.testing.assert_allclose(e, x, rtol=1e-5, atol=1e-7), jax.device_get(state.ema_params),
+               expected)
+  assert jax.tree.leaves(state.ema_params)[0] is not jax.tree.leaves(state.params)[0]
+
+
+def test_batch_not_divisible_by_devices():
+  config = tiny_config()
+  config.training.batch_size = 6
+  with pytest.raises(ValueError, match=r'training.batch_size=6 must be a positive multiple of the 4 devices'):
+    train.check_config(config, 4)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+  config = tiny_config()
+  config.training.num_train_steps = 1
+  train.train_and_evaluate(config, str(tmp_path))
+  step_dir = tmp_path / 'checkpoints' / '1'
+  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs if os.path.getsize(os.path.join(d, f)) > 100]
+  for f in files:
+    with open(f, 'r+b') as handle:
+      handle.truncate(10)
+  with pytest.raises(ValueError, match=r'Cannot restore the checkpoint at step 1 in .*checkpoints'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+  config = tiny_config()
+  config.training.num_train_steps = 6
+  real = train.make_train_step
+
+  def poisoned(*args):
+    step_fn = real(*args)
+
+    def wrapped(state, batch, rng):
+      state, metrics = step_fn(state, batch, rng)
+      loss = jnp.where(state.step >= 3, jnp.nan, metrics['loss'])
+      return state, dict(metrics, loss=loss)
+    return wrapped
+
+  monkeypatch.setattr(train, 'make_train_step', poisoned)
+  with pytest.raises(train.NonFiniteLossError, match=r'The loss is nan at step 3.*last good checkpoint is at step 2'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert train.checkpoint_manager(str(tmp_path)).all_steps() == [2]
