@@ -35,10 +35,8 @@ def import_to_workdir(config: ml_collections.ConfigDict, model_dir: str, workdir
   if manager.latest_step() is not None:
     raise ValueError(f'{workdir} already holds checkpoints; import into a new workdir.')
   train.check_workdir_config(config, workdir)
-  tx = train.create_optimizer(config.optim)
   params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  state = train.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                           ema_params=jax.tree.map(lambda p: p + 0.0, params), opt_state=tx.init(params))
+  state = train.train_state_from_params(params, train.create_optimizer(config.optim))
   manager.save(0, args=ocp.args.StandardSave(state))
   manager.wait_until_finished()
   logging.info('Imported %s into %s (step 0).', model_dir, workdir)

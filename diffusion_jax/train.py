@@ -93,6 +93,11 @@ def create_train_state(config, model: nn.Module, tx: optax.GradientTransformatio
   d = config.data
   x = jnp.zeros((1, d.image_size, d.image_size, d.channels), jnp.float32)
   params = model.init({'params': rng}, x, jnp.zeros((1,), jnp.int32), train=False)['params']
+  return train_state_from_params(params, tx)
+
+
+def train_state_from_params(params, tx: optax.GradientTransformation) -> TrainState:
+  """A step-0 state whose EMA params start as a copy (a separate buffer) of params."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(lambda p: p + 0.0, params), opt_state=tx.init(params))
 
@@ -305,10 +310,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       report(step)
       is_last = step == num_steps
       stopping = stop.requested(step)
-      if step % config.training.log_every_steps == 0 or is_last or stopping:
-        writer.write_scalars(step, check_finite(jax.device_get(metrics), step, manager))
-      if step % config.training.checkpoint_every_steps == 0 or is_last or stopping:
-        check_finite(jax.device_get(metrics), step, manager)
+      log = step % config.training.log_every_steps == 0 or is_last or stopping
+      save = step % config.training.checkpoint_every_steps == 0 or is_last or stopping
+      if log or save:
+        logged = check_finite(jax.device_get(metrics), step, manager)
+      if log:
+        writer.write_scalars(step, logged)
+      if save:
         manager.save(step, args=ocp.args.StandardSave(state))
       if stopping:
         break
