@@ -3,6 +3,8 @@
   python main.py --config=configs/default.py --workdir=runs/digits
   python main.py --config=configs/cifar10.py --workdir=DIR --config.training.batch_size=256
   python main.py --config=configs/default.py --workdir=runs/digits --mode=sample
+  python main.py --config=configs/default.py --workdir=runs/digits --mode=compare
+  python main.py --config=configs/default.py --workdir=runs/digits --mode=eval
 """
 import os
 
@@ -12,7 +14,10 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and samples (a local path or gs://).')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'train: train (and resume); sample: sample a checkpoint.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'compare', 'interpolate', 'eval', 'reference_stats'],
+                  'train: train (and resume); sample: sample a checkpoint; compare: DDPM vs DDIM vs EMA picture; '
+                  'interpolate: DDIM inversion and interpolation of two images; eval: FID/IS or digit metrics '
+                  '(and bits/dim); reference_stats: FID statistics of the dataset.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -29,17 +34,19 @@ def main(argv):
   logging.get_absl_handler().addFilter(QuietLibraries())
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # TensorFlow only feeds data; JAX owns the accelerators.
-  from diffusion_jax import distributed, sample, train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import distributed, evaluate, sample, train  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
   distributed.configure_cpu_devices(config.num_cpu_devices,
                                     (config.training.batch_size, config.sampling.batch_size))
+  distributed.enable_compilation_cache(config.compilation_cache_dir)
   distributed.initialize()
   logging.info('Config:\n%s', FLAGS.config)
   try:
-    if FLAGS.mode == 'train':
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    else:
-      sample.sample_from_workdir(FLAGS.config, FLAGS.workdir)
+    modes = {'train': train.train_and_evaluate, 'sample': sample.sample_from_workdir,
+             'compare': sample.compare_from_workdir, 'interpolate': sample.interpolate_from_workdir,
+             'eval': evaluate.evaluate,
+             'reference_stats': evaluate.compute_reference_stats}
+    modes[FLAGS.mode](FLAGS.config, FLAGS.workdir)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
 

@@ -33,7 +33,7 @@ def main(argv):
   from diffusion_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.configure_cpu_devices(config.num_cpu_devices, (config.training.batch_size, config.sampling.batch_size))
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from diffusion_jax import sampling, train  # pylint: disable=g-import-not-at-top
   from diffusion_jax.models.unet import unet_from_config  # pylint: disable=g-import-not-at-top
@@ -46,8 +46,8 @@ def main(argv):
   state = jax.jit(lambda k: train.create_train_state(config, model, tx, k),
                   out_shardings=NamedSharding(mesh, P()))(jax.random.key(0))
   batch_size, size, channels = config.training.batch_size, config.data.image_size, config.data.channels
-  batch = {'image': jax.device_put(jnp.zeros((batch_size, size, size, channels)), NamedSharding(mesh, P('batch'))),
-           'label': jax.device_put(jnp.zeros((batch_size,), jnp.int32), NamedSharding(mesh, P('batch')))}
+  batch = train.shard_batch({'image': np.zeros((batch_size, size, size, channels), np.float32),
+                             'label': np.zeros((batch_size,), np.int32)}, mesh)
   step_fn = train.make_train_step(config, model, tx, schedule, mesh)
   flops = step_fn.lower(state, batch, jax.random.key(1)).compile().cost_analysis().get('flops', 0.0) * mesh.size
   holder = [state]

@@ -11,4 +11,5 @@ def get_config():
   config.training.num_train_steps = 500_000
   config.sampling.spacing = 'uniform'
   config.sampling.variance = 'fixedsmall'
+  config.eval.num_samples = 50_000
   return config

@@ -35,4 +35,6 @@ def get_config():
   config.sampling.eta = 0.0
   config.sampling.variance = 'fixedlarge'  # Ho et al.'s CIFAR-10 samples.
   config.sampling.batch_size = 256
+  config.eval.num_samples = 50_000  # Ho et al.'s FID protocol.
+  config.eval.batch_size = 500
   return config

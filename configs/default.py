@@ -12,14 +12,20 @@ def get_config():
   # Without a GPU/TPU, split the CPU into this many JAX devices for data parallelism (-1: one per core,
   # as many as divide the batch sizes). Ignored on accelerators.
   config.num_cpu_devices = -1
+  # Compiled programs are kept here, so that a restart (resume, sample, eval) does not compile again.
+  config.compilation_cache_dir = '~/.cache/diffusion_jax/jax'
 
   config.data = ml_collections.ConfigDict()
-  config.data.dataset = 'digits'  # digits (embedded) | mnist | fashion_mnist | cifar10 | celeba
-  config.data.image_size = 28
-  config.data.channels = 1
+  # digits (embedded) | mnist | fashion_mnist | cifar10 | celeba (DDIM's crop) | celebahq (256) | lsun/CATEGORY
+  # (e.g. lsun/church_outdoor, lsun/bedroom) | folder (the PNG/JPEG files under data.folder).
+  config.data.dataset = 'digits'
+  config.data.image_size = 28  # Images are center-cropped to a square and resized to this size.
+  config.data.channels = 1  # 1 (grayscale) | 3 (RGB)
   config.data.random_flip = False
   config.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir: a local path or gs://.
   config.data.download = True  # Let TFDS download a dataset that is not prepared (needs a network).
+  config.data.folder = ml_collections.config_dict.placeholder(str)  # folder: a directory, searched recursively.
+  config.data.folder_labels = True  # folder: its top-level subfolders are classes (labels by sorted name).
 
   config.model = ml_collections.ConfigDict()
   config.model.ch = 16
@@ -29,6 +35,9 @@ def get_config():
   config.model.dropout = 0.0
   config.model.resamp_with_conv = True
   config.model.num_groups = 8
+  config.model.num_classes = 0  # > 0: class-conditional on the dataset's labels (classifier-free guidance).
+  config.model.label_dropout = 0.1  # Conditional only: share of labels replaced by the null label in training.
+  config.model.dtype = 'float32'  # float32 | bfloat16 (compute in bfloat16; params and optimizer stay float32).
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.schedule = 'linear'  # linear | cosine | quadratic | sigmoid
@@ -48,6 +57,7 @@ def get_config():
 
   config.training = ml_collections.ConfigDict()
   config.training.batch_size = 32  # Global batch over all devices and hosts.
+  config.training.grad_accum_steps = 1  # Split each batch into this many micro-batches (less memory, same update).
   config.training.num_train_steps = 2500
   config.training.log_every_steps = 50
   config.training.checkpoint_every_steps = 500
@@ -57,8 +67,8 @@ def get_config():
   config.training.ema_warmup = True  # Decay min(ema_decay, (1 + step) / (10 + step)).
 
   config.sampling = ml_collections.ConfigDict()
-  config.sampling.method = 'ddim'  # ddpm | ddim
-  config.sampling.num_steps = 100  # DDIM steps; ddpm needs num_timesteps.
+  config.sampling.method = 'ddim'  # ddpm | ddim | dpm++2m (DPM-Solver++(2M), deterministic: needs eta=0)
+  config.sampling.num_steps = 100  # DDIM / DPM-Solver++ steps; ddpm needs num_timesteps.
   config.sampling.eta = 1.0  # Ancestral-like DDIM: cleaner digits than eta=0 from a model trained for minutes.
   config.sampling.spacing = 'uniform'  # uniform | quadratic | trailing
   config.sampling.variance = 'fixedlarge'  # DDPM: fixedlarge (beta_t) | fixedsmall (posterior)
@@ -67,4 +77,29 @@ def get_config():
   config.sampling.batch_size = 64
   config.sampling.use_ema = True
   config.sampling.seed = 1
+  config.sampling.guidance_scale = 0.0  # Classifier-free guidance w (conditional models; 0: no guidance).
+  config.sampling.class_label = -1  # Conditional models: the class to sample (-1: all classes in turn).
+  # --mode=sample extras: one PNG per image, and the denoising chain of the first images as a strip and a GIF.
+  config.sampling.save_individual = False
+  config.sampling.chain_images = 8  # 0: no chain pictures.
+  config.sampling.chain_frames = 10
+  config.sampling.checkpoint_step = -1  # The checkpoint to sample and evaluate (-1: the latest).
+  # --mode=compare: the same noise through DDPM (all T steps) and DDIM at these step counts, EMA and raw weights.
+  config.sampling.compare_images = 8
+  config.sampling.compare_steps = (10, 20, 50, 100)
+  # --mode=interpolate: DDIM inversion of two images (files, or the first two training images), slerp, decoding.
+  config.sampling.interpolate_files = ()
+  config.sampling.interpolate_frames = 9
+  config.sampling.interpolate_steps = 100  # DDIM steps of the inversion and decoding.
+
+  # --mode=eval and --mode=reference_stats (see diffusion_jax/evaluate.py).
+  config.eval = ml_collections.ConfigDict()
+  config.eval.num_samples = 2000  # Ho et al. use 50,000 (configs/cifar10.py); 2,000 take ~5 min here.
+  config.eval.batch_size = 250  # Feature extraction and bits/dim.
+  config.eval.features = 'auto'  # auto (digits for 28x28x1, else inception) | inception | digits
+  config.eval.inception_weights = ml_collections.config_dict.placeholder(str)  # FID Inception .npz (see README).
+  config.eval.reference_stats = ml_collections.config_dict.placeholder(str)  # Default: WORKDIR/eval/reference_*.npz
+  config.eval.reference_images = -1  # Training images in the reference statistics (-1: all).
+  config.eval.bpd_images = 0  # > 0: also the bits/dim bound of this many training images (T model calls each).
+  config.eval.classifier_cache = ml_collections.config_dict.placeholder(str)  # Default: ~/.cache/diffusion_jax.
   return config

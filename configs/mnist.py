@@ -18,4 +18,5 @@ def get_config():
   config.training.checkpoint_every_steps = 2500
   config.training.sample_every_steps = 5000
   config.training.ema_decay = 0.9995
+  config.eval.num_samples = 10_000
   return config

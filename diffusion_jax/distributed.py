@@ -1,4 +1,4 @@
-"""Process start-up: CPU device layout, and jax.distributed.initialize when launched as several processes."""
+"""Process start-up: CPU device layout, the compilation cache, and jax.distributed.initialize for several processes."""
 import math
 import os
 
@@ -46,3 +46,13 @@ def configure_cpu_devices(num_cpu_devices: int, batch_sizes: tuple[int, ...]) ->
   if num_cpu_devices < 1:
     raise ValueError(f'num_cpu_devices must be >= 1 or -1 (one per core), got {num_cpu_devices}.')
   jax.config.update('jax_num_cpu_devices', num_cpu_devices)
+
+
+def enable_compilation_cache(cache_dir: str | None) -> None:
+  """Keeps compiled programs in cache_dir (a local path or gs://), so that a restart does not recompile.
+
+  JAX_COMPILATION_CACHE_DIR, when set, takes precedence; None or '' disables the cache.
+  """
+  if cache_dir and not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(cache_dir))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)

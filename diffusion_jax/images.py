@@ -1,9 +1,9 @@
-"""Writing pictures: image grids as PNG (uint8 images in, files out)."""
+"""Writing pictures: image grids, denoising chains and labelled comparisons as PNG and GIF (uint8 in, files out)."""
 import math
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def make_grid(images: np.ndarray, ncols: int | None = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:
@@ -22,3 +22,32 @@ def save_png(image: np.ndarray, path: str) -> None:
   """Saves a uint8 image (H, W, 1 or 3) as PNG, creating the folder."""
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+
+
+def chain_strip(chain: np.ndarray, padding: int = 2) -> np.ndarray:
+  """The denoising chain uint8 (F, N, H, W, C) as one image: a row per sample, a column per frame (x_T left)."""
+  frames, n = chain.shape[:2]
+  return make_grid(np.swapaxes(chain, 0, 1).reshape(n * frames, *chain.shape[2:]), frames, padding)
+
+
+def save_gif(frames: np.ndarray, path: str, seconds_per_frame: float = 0.25, hold_last: int = 4) -> None:
+  """Saves uint8 frames (F, H, W, C) as a looping animated GIF; the last frame is shown hold_last times longer."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  pictures = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
+  durations = [int(1000 * seconds_per_frame)] * (len(pictures) - 1) + [int(1000 * seconds_per_frame * hold_last)]
+  pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+
+
+def labelled_rows(rows: list[np.ndarray], labels: list[str], scale: int = 2) -> np.ndarray:
+  """Stacks uint8 RGB row images (H_i, W_i, C) under each other with a text label left of each, upscaled by scale."""
+  font = ImageFont.load_default()
+  label_width = max(int(font.getlength(label)) for label in labels) + 8
+  rows = [np.repeat(np.repeat(r if r.shape[-1] == 3 else np.repeat(r, 3, -1), scale, 0), scale, 1) for r in rows]
+  width = label_width + max(r.shape[1] for r in rows)
+  canvas = Image.new('RGB', (width, sum(r.shape[0] for r in rows)), 'white')
+  draw, top = ImageDraw.Draw(canvas), 0
+  for row, label in zip(rows, labels):
+    canvas.paste(Image.fromarray(row), (label_width, top))
+    draw.text((4, top + row.shape[0] // 2 - 6), label, fill='black', font=font)
+    top += row.shape[0]
+  return np.asarray(canvas)

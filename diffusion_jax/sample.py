@@ -1,53 +1,231 @@
-"""--mode=sample: samples from the workdir's latest checkpoint and writes a PNG grid and an npz."""
+"""--mode=sample and --mode=compare: pictures and sample files from a workdir's checkpoint.
+
+sample:  samples/<run name>/ grid.png, samples.npz (uint8 images, exactly num_samples, and labels),
+         optionally images/00000.png ..., and the denoising chain as chain.png (strip) and chain.gif.
+compare: samples/compare_seed<seed>_step<step>.png: the same noise through DDPM and DDIM at several
+         step counts, with EMA and raw weights, one labelled row each (with its time).
+interpolate: samples/interpolate_step<step>/: two images encoded into x_T by DDIM inversion, spherical
+         interpolation between the two x_T decoded by DDIM (interpolation.png strip and .gif), and the
+         reconstruction error of the inversion at several step counts (reconstruction.json).
+"""
+import dataclasses
+import functools
+import json
 import os
+import time
 
 from absl import logging
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
+from PIL import Image
 
-from diffusion_jax import images, sampling, train
+from diffusion_jax import images, input_pipeline, sampling, train
 from diffusion_jax.models.unet import unet_from_config
 from diffusion_jax.schedules import schedule_from_config
 
 
-def run_name(config) -> str:
-  """A folder name that says how the samples were made, e.g. ddim50_eta0.0_uniform_ema_seed1."""
-  s = config.sampling
-  method = f'ddpm{config.diffusion.num_timesteps}_{s.variance}' if s.method == 'ddpm' else (
-      f'ddim{s.num_steps}_eta{s.eta}_{s.spacing}')
-  return f'{method}_{"ema" if s.use_ema else "raw"}_seed{s.seed}'
+@dataclasses.dataclass
+class Restored:
+  """A restored checkpoint: the model, the mesh it runs on and the train state."""
+  model: nn.Module
+  mesh: Mesh
+  state: train.TrainState
+
+  def params(self, use_ema: bool):
+    return self.state.ema_params if use_ema else self.state.params
 
 
-def sample_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes samples/<run_name>/{grid.png, samples.npz} (uint8 images, exactly num_samples); returns the folder."""
+def check_positive_int(name: str, value) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str) -> Restored:
+  """Restores the checkpoint sampling.checkpoint_step (-1: latest) of workdir; clear errors if there is none."""
   mesh = train.create_mesh()
   train.check_config(config, mesh.size)
-  num_samples = config.sampling.num_samples
-  if not isinstance(num_samples, int) or num_samples < 1:
-    raise ValueError(f'sampling.num_samples must be a positive integer, got {num_samples!r}.')
+  check_positive_int('sampling.num_samples', config.sampling.num_samples)
   manager = train.checkpoint_manager(workdir)
   if manager.latest_step() is None:
     raise FileNotFoundError(f'No checkpoint in {manager.directory}: train first with --mode=train '
                             f'--workdir={workdir}.')
+  step = config.sampling.checkpoint_step
+  if step != -1 and step not in manager.all_steps():
+    raise ValueError(f'No checkpoint at step {step} in {manager.directory}; available steps: {manager.all_steps()} '
+                     f'(set --config.sampling.checkpoint_step to one of them, or -1 for the latest).')
   train.check_workdir_config(config, workdir)
   model = unet_from_config(config.model)
   # The optimizer state is restored too (it is part of the state), so build the same optimizer.
   abstract = train.abstract_train_state(config, model, train.create_optimizer(config.optim), mesh)
-  state = train.restore_state(manager, abstract)
-  params = state.ema_params if config.sampling.use_ema else state.params
+  state = train.restore_state(manager, abstract, None if step == -1 else step)
+  return Restored(model, mesh, state)
 
-  d = config.data
-  shape = (config.sampling.batch_size, d.image_size, d.image_size, d.channels)
-  sample_fn = train.make_sample_fn(model, schedule_from_config(config.diffusion), sampling.sampler_from_config(config),
-                                   shape, mesh)
-  logging.info('Sampling %d images at step %d with %s.', num_samples, int(state.step), run_name(config))
-  samples = train.generate(sample_fn, params, jax.random.key(config.sampling.seed), num_samples,
-                           config.sampling.batch_size)
-  out_dir = os.path.join(workdir, 'samples', run_name(config))
+
+def run_name(config) -> str:
+  """A folder name that says how the samples were made, e.g. ddim50_eta0.0_uniform_ema_seed1_step2500."""
+  s = config.sampling
+  if s.method == 'ddpm':
+    method = f'ddpm{config.diffusion.num_timesteps}_{s.variance}'
+  elif s.method == 'ddim':
+    method = f'ddim{s.num_steps}_eta{s.eta}_{s.spacing}'
+  else:
+    method = f'{s.method}_{s.num_steps}_{s.spacing}'
+  if config.model.num_classes:
+    method += f'_w{s.guidance_scale}' + (f'_class{s.class_label}' if s.class_label >= 0 else '')
+  return f'{method}_{"ema" if s.use_ema else "raw"}_seed{s.seed}'
+
+
+def sample_labels(config, num_samples: int) -> np.ndarray | None:
+  """The class label of each of num_samples samples of a conditional model (None for an unconditional one)."""
+  if not config.model.num_classes:
+    return None
+  return np.asarray(train.sample_labels(0, num_samples, config.model.num_classes, config.sampling.class_label))
+
+
+def sample_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes samples/<run name>_step<step>/ (see the module docstring); returns the folder."""
+  s = config.sampling
+  check_positive_int('sampling.chain_frames', s.chain_frames)
+  restored = restore(config, workdir)
+  step = int(restored.state.step)
+  params = restored.params(s.use_ema)
+  sample_fn = train.sample_fn_from_config(config, restored.model, restored.mesh)
+  logging.info('Sampling %d images at step %d with %s.', s.num_samples, step, run_name(config))
+  rng = jax.random.key(s.seed)
+  samples = train.generate(sample_fn, params, rng, s.num_samples, s.batch_size, log_progress=True)
+  chain = None
+  if s.chain_images:  # The first batch again, recording the chain: its last frame is samples[:chain_images].
+    num_steps = len(sampling.sampler_from_config(config).timesteps(config.diffusion.num_timesteps)[0])
+    chain_fn = train.sample_fn_from_config(config, restored.model, restored.mesh,
+                                           record_every=max(1, num_steps // s.chain_frames))
+    chain = input_pipeline.to_uint8(multihost_utils.process_allgather(
+        chain_fn(params, jax.random.fold_in(rng, 0), 0), tiled=True))[:, :s.chain_images]
+
+  out_dir = os.path.join(workdir, 'samples', f'{run_name(config)}_step{step}')
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    np.savez_compressed(os.path.join(out_dir, 'samples.npz'), images=samples, step=int(state.step))
-    images.save_png(images.make_grid(samples[:256]), os.path.join(out_dir, 'grid.png'))
-    logging.info('Wrote %d samples to %s.', num_samples, out_dir)
+    labels = sample_labels(config, s.num_samples)
+    extra = {} if labels is None else {'labels': labels}
+    np.savez_compressed(os.path.join(makedirs(out_dir), 'samples.npz'), images=samples, step=step, **extra)
+    images.save_png(images.make_grid(samples[:256], train.sample_grid_columns(config)),
+                    os.path.join(out_dir, 'grid.png'))
+    if s.save_individual:
+      for i, image in enumerate(samples):
+        images.save_png(image, os.path.join(out_dir, 'images', f'{i:05d}.png'))
+    if chain is not None:
+      images.save_png(images.chain_strip(chain), os.path.join(out_dir, 'chain.png'))
+      images.save_gif(np.stack([images.make_grid(frame) for frame in chain]), os.path.join(out_dir, 'chain.gif'))
+    logging.info('Wrote %d samples to %s.', s.num_samples, out_dir)
   return out_dir
+
+
+def compare_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes the DDPM vs DDIM vs EMA comparison picture (see the module docstring); returns its path."""
+  s = config.sampling
+  restored = restore(config, workdir)
+  n = s.compare_images
+  check_positive_int('sampling.compare_images', n)
+  if n % restored.mesh.size:
+    raise ValueError(f'sampling.compare_images={n} must be a multiple of the {restored.mesh.size} devices.')
+  T = config.diffusion.num_timesteps
+  samplers = [sampling.Sampler('ddpm', T, variance=s.variance, parameterization=config.diffusion.parameterization)]
+  samplers += [sampling.Sampler('ddim', k, eta=0.0, spacing=s.spacing, parameterization=config.diffusion.parameterization)
+               for k in s.compare_steps]
+  shape = (n, config.data.image_size, config.data.image_size, config.data.channels)
+  schedule = schedule_from_config(config.diffusion)
+  rows, labels = [], []
+  for use_ema in (True, False):
+    for sampler in samplers:
+      sample_fn = train.make_sample_fn(restored.model, schedule, sampler, shape, restored.mesh,
+                                       guidance_scale=s.guidance_scale, class_label=s.class_label)
+      sample_fn(restored.params(use_ema), jax.random.key(s.seed), 0).block_until_ready()  # Compile.
+      start = time.perf_counter()
+      row = train.generate(sample_fn, restored.params(use_ema), jax.random.key(s.seed), n, n)
+      seconds = time.perf_counter() - start
+      name = f'DDPM-{T}' if sampler.method == 'ddpm' else f'DDIM-{sampler.num_steps}'
+      labels.append(f'{name} {"EMA" if use_ema else "raw"}  {seconds:.1f} s')
+      rows.append(images.make_grid(row, n))
+      logging.info('%s: %d images in %.2f s.', labels[-1], n, seconds)
+  path = os.path.join(workdir, 'samples', f'compare_seed{s.seed}_step{int(restored.state.step)}.png')
+  if jax.process_index() == 0:
+    images.save_png(images.labelled_rows(rows, labels), path)
+    logging.info('Wrote %s.', path)
+  return path
+
+
+def interpolation_pair(config) -> np.ndarray:
+  """uint8 (2, H, W, C): the files sampling.interpolate_files, or the first two training images."""
+  d, files = config.data, config.sampling.interpolate_files
+  if not files:
+    return input_pipeline.read_images(input_pipeline.load_dataset(config.data), np.arange(2))
+  if len(files) != 2:
+    raise ValueError(f'sampling.interpolate_files must name two images, got {len(files)}: {files}.')
+  pictures = []
+  for path in files:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'Interpolation image {path} does not exist.')
+    pictures.append(Image.open(path))
+  if pictures[0].size != pictures[1].size:
+    raise ValueError(f'Cannot interpolate between images of different sizes: {files[0]} is {pictures[0].size[0]}x'
+                     f'{pictures[0].size[1]} and {files[1]} is {pictures[1].size[0]}x{pictures[1].size[1]}.')
+  return np.stack([input_pipeline.fit_image(p, d.image_size, d.channels) for p in pictures])
+
+
+def interpolate_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """DDIM inversion, reconstruction and interpolation of two images (see the module docstring); returns the folder."""
+  s = config.sampling
+  check_positive_int('sampling.interpolate_frames', s.interpolate_frames)
+  pair = interpolation_pair(config)
+  restored = restore(config, workdir)
+  params, model = restored.params(s.use_ema), restored.model
+  schedule = schedule_from_config(config.diffusion)
+  x0 = jnp.asarray(pair, jnp.float32) / 127.5 - 1.0
+
+  def model_fn(x, t):  # A conditional model is inverted with the null label (unconditional).
+    labels = jnp.full(x.shape[:1], model.num_classes, jnp.int32) if model.num_classes else None
+    return model.apply({'params': params}, x, t, labels, train=False)
+
+  def ddim(num_steps: int) -> sampling.Sampler:
+    return sampling.Sampler('ddim', num_steps, eta=0.0, spacing=s.spacing, clip_x0=False,
+                            parameterization=config.diffusion.parameterization)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def encode(sampler, x):
+    return sampling.ddim_invert(model_fn, schedule, sampler, x)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def decode(sampler, x_T):
+    return sampling.sample(model_fn, schedule, sampler, jax.random.key(s.seed), x_T.shape, x_T=x_T)[-1]
+
+  reconstruction_mse = {}
+  for num_steps in sorted(set(s.compare_steps) | {s.interpolate_steps}):
+    sampler = ddim(num_steps)
+    error = float(jnp.mean((decode(sampler, encode(sampler, x0)) - x0) ** 2))
+    reconstruction_mse[num_steps] = error
+    logging.info('DDIM-%d inversion: reconstruction MSE %.6f (images in [-1, 1]).', num_steps, error)
+  sampler = ddim(s.interpolate_steps)
+  x_T = encode(sampler, x0)
+  path = sampling.slerp(x_T[0], x_T[1], np.linspace(0.0, 1.0, s.interpolate_frames))
+  frames = input_pipeline.to_uint8(decode(sampler, path))
+
+  out_dir = os.path.join(workdir, 'samples', f'interpolate_step{int(restored.state.step)}')
+  if jax.process_index() == 0:
+    makedirs(out_dir)
+    strip = np.concatenate([pair[:1], frames, pair[1:]])
+    images.save_png(images.make_grid(strip, len(strip)), os.path.join(out_dir, 'interpolation.png'))
+    images.save_gif(np.concatenate([frames, frames[-2:0:-1]]), os.path.join(out_dir, 'interpolation.gif'),
+                    hold_last=1)  # There and back.
+    with open(os.path.join(out_dir, 'reconstruction.json'), 'w') as f:
+      json.dump({'step': int(restored.state.step), 'reconstruction_mse_by_ddim_steps': reconstruction_mse,
+                 'images': list(s.interpolate_files) or 'first two training images'}, f, indent=2)
+    logging.info('Wrote %s.', out_dir)
+  return out_dir
+
+
+def makedirs(path: str) -> str:
+  os.makedirs(path, exist_ok=True)
+  return path

@@ -25,13 +25,14 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax import diffusion, images, input_pipeline, sampling
-from diffusion_jax.models.unet import check_unet_config, unet_from_config
+from diffusion_jax.models.unet import DTYPES, check_unet_config, unet_from_config
 from diffusion_jax.schedules import Schedule, schedule_from_config
 
 # Config entries that fix the shapes and meaning of a checkpoint's parameters (dropout does not).
 ARCHITECTURE_KEYS = ('model.ch', 'model.ch_mult', 'model.num_res_blocks', 'model.attn_resolutions',
                      'model.resamp_with_conv', 'model.num_groups', 'data.image_size', 'data.channels',
-                     'diffusion.parameterization')
+                     'model.num_classes', 'diffusion.parameterization')
+ADDED_ARCHITECTURE_KEYS = {'model.num_classes': 0}  # Added after the first release, with their earlier meaning.
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -60,6 +61,25 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     value = config[name.split('.')[0]][name.split('.')[1]]
     if value < 1 or value % num_devices:
       raise ValueError(f'{name}={value} must be a positive multiple of the {num_devices} devices.')
+  accum = config.training.grad_accum_steps
+  if not isinstance(accum, int) or accum < 1 or config.training.batch_size % (accum * num_devices):
+    raise ValueError(f'training.grad_accum_steps={accum!r} must be a positive integer such that training.batch_size='
+                     f'{config.training.batch_size} is a multiple of grad_accum_steps x the {num_devices} devices.')
+  if not isinstance(m.num_classes, int) or m.num_classes < 0:
+    raise ValueError(f'model.num_classes must be 0 (unconditional) or the number of classes, got {m.num_classes!r}.')
+  if not 0.0 <= m.label_dropout < 1.0:
+    raise ValueError(f'model.label_dropout must be in [0, 1), got {m.label_dropout!r}.')
+  s = config.sampling
+  if s.guidance_scale and not m.num_classes:
+    raise ValueError(f'sampling.guidance_scale={s.guidance_scale} needs a class-conditional model (model.num_classes '
+                     f'> 0); this model is unconditional: set sampling.guidance_scale=0.')
+  if s.guidance_scale < 0:
+    raise ValueError(f'sampling.guidance_scale must be >= 0, got {s.guidance_scale}.')
+  if s.class_label != -1 and not (m.num_classes and 0 <= s.class_label < m.num_classes):
+    raise ValueError(f'sampling.class_label={s.class_label} is outside the classes [0, {m.num_classes}) of this model '
+                     f'(-1: all classes in turn).')
+  if m.dtype not in DTYPES:
+    raise ValueError(f'Unknown model.dtype {m.dtype!r}; choose one of {sorted(DTYPES)}.')
 
 
 def create_mesh() -> Mesh:
@@ -92,7 +112,8 @@ def create_train_state(config, model: nn.Module, tx: optax.GradientTransformatio
   """Initial state; the EMA params start as a copy (a separate buffer) of the params."""
   d = config.data
   x = jnp.zeros((1, d.image_size, d.image_size, d.channels), jnp.float32)
-  params = model.init({'params': rng}, x, jnp.zeros((1,), jnp.int32), train=False)['params']
+  labels = jnp.zeros((1,), jnp.int32) if model.num_classes else None
+  params = model.init({'params': rng}, x, jnp.zeros((1,), jnp.int32), labels, train=False)['params']
   return train_state_from_params(params, tx)
 
 
@@ -102,81 +123,175 @@ def train_state_from_params(params, tx: optax.GradientTransformation) -> TrainSt
                     ema_params=jax.tree.map(lambda p: p + 0.0, params), opt_state=tx.init(params))
 
 
+def example_randomness(rng: jax.Array, index: jax.Array, num_timesteps: int, image_shape: tuple[int, ...],
+                       label_dropout: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per example (b,) of a step's rng and its index in the global batch: timesteps int32 (b,) in [0, T),
+  noise float32 (b, *image_shape) ~ N(0, I), and label dropout bool (b,) ~ Bernoulli(label_dropout)."""
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, index)
+  t_keys, noise_keys, label_keys = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 3))(keys), 1, 0)
+  t = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_timesteps))(t_keys)
+  noise = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(noise_keys)
+  drop = jax.vmap(lambda k: jax.random.bernoulli(k, label_dropout))(label_keys)
+  return t, noise, drop
+
+
 def make_train_step(config, model: nn.Module, tx: optax.GradientTransformation, schedule: Schedule,
                     mesh: Mesh) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
-  """Returns jitted train_step(state, batch, rng) -> (state, metrics); the state is donated.
+  """Returns train_step(state, batch, rng) -> (state, metrics) for a batch made by `shard_batch`; donates the state.
 
-  The timestep and noise of each example derive from rng, the step and the example's index
-  in the global batch; dropout masks from rng, the step and the device index. A resumed
-  run therefore draws exactly the same numbers as an uninterrupted one.
+  The timestep, noise and label dropout of each example derive from rng, the step and the
+  example's index in the global batch; dropout masks from rng, the step, the micro-batch and
+  the device. A resumed run therefore draws exactly the same numbers as an uninterrupted one,
+  and without dropout gradient accumulation over k micro-batches equals one full batch.
+  With training.grad_accum_steps = k > 1, the gradients of the k micro-batches are summed by
+  k compiled micro-steps (a Python loop: a lax.scan is ~20x slower on CPU) and the optimizer,
+  EMA and step advance once.
   """
+  accum_steps = config.training.grad_accum_steps
+  num_classes = config.model.num_classes
   lr_schedule = learning_rate_schedule(config.optim)
-  num_timesteps = schedule.num_timesteps
 
-  def per_device_step(state: TrainState, batch: dict, rng: jax.Array):
+  def loss_and_grads(params, batch: dict, rng: jax.Array, step: jax.Array, micro: int):
+    """Per device: the batch-mean loss and gradients of this device's examples, averaged over devices."""
     x0 = batch['image']
-    local = x0.shape[0]
-    device = jax.lax.axis_index('batch')
-    example_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step))
-    example_keys = jax.vmap(jax.random.fold_in, (None, 0))(example_rng, device * local + jnp.arange(local))
-    t_keys, noise_keys = jnp.moveaxis(jax.vmap(jax.random.split)(example_keys), 1, 0)
-    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_timesteps))(t_keys)
-    noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(noise_keys)
-    dropout_rng = jax.random.fold_in(dropout_rng, device)
+    example_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, step))
+    t, noise, drop = example_randomness(example_rng, batch['index'], schedule.num_timesteps, x0.shape[1:],
+                                        config.model.label_dropout)
+    # Classifier-free guidance training: dropped labels become the null label.
+    labels = jnp.where(drop, num_classes, batch['label']) if num_classes else None
+    dropout_rng = jax.random.fold_in(jax.random.fold_in(dropout_rng, micro), jax.lax.axis_index('batch'))
 
     def loss_fn(params):
-      model_fn = lambda x_t, t: model.apply({'params': params}, x_t, t, train=True, rngs={'dropout': dropout_rng})
+      model_fn = lambda x_t, t: model.apply({'params': params}, x_t, t, labels, train=True,
+                                            rngs={'dropout': dropout_rng})
       losses = diffusion.diffusion_loss(schedule, model_fn, x0, t, noise, config.diffusion.parameterization,
                                         config.diffusion.loss)
       return losses.mean()
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    loss, grads = jax.lax.pmean((loss, grads), 'batch')
+    return jax.lax.pmean(jax.value_and_grad(loss_fn)(params), 'batch')
+
+  def apply_gradients(state: TrainState, loss: jax.Array, grads) -> tuple[TrainState, dict]:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(config.training, state.step)
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'param_norm': optax.tree.norm(params),
                'learning_rate': lr_schedule(state.step), 'ema_decay': decay}
-    new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
-    return new_state, metrics
+    return TrainState(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state), metrics
 
-  step = jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P('batch'), P()), out_specs=(P(), P()))
-  return jax.jit(step, donate_argnums=0)
+  if accum_steps == 1:
+    def step_fn(state, batch, rng):
+      return apply_gradients(state, *loss_and_grads(state.params, batch, rng, state.step, 0))
+    step_fn = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P('batch'), P()), out_specs=(P(), P()))
+    return jax.jit(step_fn, donate_argnums=0)
+
+  def accumulate(total, params, step, batch, rng, micro):
+    loss_grads = loss_and_grads(params, jax.tree.map(lambda x: x[micro], batch), rng, step, micro)
+    return loss_grads if total is None else jax.tree.map(jnp.add, total, loss_grads)
+
+  accumulate = jax.jit(jax.shard_map(accumulate, mesh=mesh, in_specs=(P(), P(), P(), P(None, 'batch'), P(), P()),
+                                     out_specs=P()), donate_argnums=0)
+  finish = jax.jit(lambda state, total: apply_gradients(state, *jax.tree.map(lambda x: x / accum_steps, total)),
+                   donate_argnums=0)
+
+  def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
+    total = None
+    for micro in range(accum_steps):
+      total = accumulate(total, state.params, state.step, batch, rng, micro)
+    return finish(state, total)
+
+  return train_step
+
+
+def shard_batch(local_batch: dict, mesh: Mesh, accum_steps: int = 1) -> dict:
+  """Host-local numpy arrays (b, ...) -> global arrays for `train_step`, with each example's 'index' in the batch.
+
+  Shapes: (B, ...) split over the `batch` axis, or (k, B/k, ...) split on axis 1 for k > 1
+  gradient accumulation steps (micro-batch i holds rows [i b/k, (i+1) b/k) of every host).
+  """
+  b = len(local_batch['image'])
+  local_batch = dict(local_batch, index=jax.process_index() * b + np.arange(b, dtype=np.int32))
+  if accum_steps == 1:
+    sharding = NamedSharding(mesh, P('batch'))
+  else:
+    sharding = NamedSharding(mesh, P(None, 'batch'))
+    local_batch = {k: v.reshape(accum_steps, b // accum_steps, *v.shape[1:]) for k, v in local_batch.items()}
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def sample_labels(first_index, batch_size: int, num_classes: int, class_label: int) -> jax.Array:
+  """Class labels int32 (batch_size,) of samples first_index, first_index + 1, ...: class_label for all
+  samples, or (class_label = -1) the classes in turn: sample i gets i mod num_classes."""
+  if class_label >= 0:
+    return jnp.full((batch_size,), class_label, jnp.int32)
+  return (first_index + jnp.arange(batch_size, dtype=jnp.int32)) % num_classes
 
 
 def make_sample_fn(model: nn.Module, schedule: Schedule, sampler: sampling.Sampler, shape: tuple[int, ...],
-                   mesh: Mesh, record_every: int | None = None) -> Callable[[Any, jax.Array], jax.Array]:
-  """Returns jitted sample_fn(params, rng) -> chain (F, *shape), with the batch split over the mesh."""
+                   mesh: Mesh, record_every: int | None = None, guidance_scale: float = 0.0,
+                   class_label: int = -1) -> Callable[[Any, jax.Array, int], jax.Array]:
+  """Returns jitted sample_fn(params, rng, first_index) -> chain (F, *shape), the batch split over the mesh.
+
+  A class-conditional model samples the labels of `sample_labels` for samples first_index, ...,
+  with classifier-free guidance scale w = guidance_scale (0: conditional, no guidance).
+  """
   batch_sharding = NamedSharding(mesh, P('batch'))
 
   @jax.jit
-  def sample_fn(params, rng):
-    def model_fn(x, t):
+  def sample_fn(params, rng, first_index):
+    def model_fn(x, t, labels=None):
       x = jax.lax.with_sharding_constraint(x, batch_sharding)
-      return model.apply({'params': params}, x, t, train=False)
+      return model.apply({'params': params}, x, t, labels, train=False)
+
+    if model.num_classes:
+      labels = sample_labels(first_index, shape[0], model.num_classes, class_label)
+      if guidance_scale:
+        model_fn = sampling.guided_model_fn(model_fn, labels, model.num_classes, guidance_scale)
+      else:
+        model_fn = functools.partial(model_fn, labels=labels)
     return sampling.sample(model_fn, schedule, sampler, rng, shape, record_every)
 
   return sample_fn
 
 
-def generate(sample_fn, params, rng: jax.Array, num_samples: int, batch_size: int) -> np.ndarray:
-  """Runs sample_fn over ceil(num_samples / batch_size) batches; returns uint8 (num_samples, H, W, C)."""
+def sample_fn_from_config(config, model: nn.Module, mesh: Mesh, sampler: sampling.Sampler | None = None,
+                          record_every: int | None = None) -> Callable[[Any, jax.Array, int], jax.Array]:
+  """make_sample_fn for config.sampling (or another sampler) and the config's image shape."""
+  d, s = config.data, config.sampling
+  return make_sample_fn(model, schedule_from_config(config.diffusion), sampler or sampling.sampler_from_config(config),
+                        (s.batch_size, d.image_size, d.image_size, d.channels), mesh, record_every,
+                        s.guidance_scale, s.class_label)
+
+
+def generate(sample_fn, params, rng: jax.Array, num_samples: int, batch_size: int,
+             log_progress: bool = False) -> np.ndarray:
+  """Runs sample_fn over ceil(num_samples / batch_size) batches; returns uint8 (num_samples, H, W, C).
+
+  Batch i uses fold_in(rng, i), so the first images do not depend on num_samples. With
+  log_progress, logs images done, images/s and the estimated time left after every batch.
+  """
   batches = []
-  for i in range(-(-num_samples // batch_size)):
-    final = sample_fn(params, jax.random.fold_in(rng, i))[-1]  # Split over the devices of all hosts.
+  num_batches = -(-num_samples // batch_size)
+  start = time.perf_counter()
+  for i in range(num_batches):
+    final = sample_fn(params, jax.random.fold_in(rng, i), i * batch_size)[-1]  # Split over all devices.
     batches.append(input_pipeline.to_uint8(multihost_utils.process_allgather(final, tiled=True)))
+    if log_progress:
+      done, elapsed = min((i + 1) * batch_size, num_samples), time.perf_counter() - start
+      logging.info('Sampled %d/%d images (%.2f images/s, %.0f s left).', done, num_samples, done / elapsed,
+                   elapsed / (i + 1) * (num_batches - i - 1))
   return np.concatenate(batches)[:num_samples]
 
 
 def architecture(config) -> dict:
-  """The config entries that must match between a checkpoint and the config restoring it."""
+  """The config entries that must match between a checkpoint and the config restoring it.
+
+  Entries missing from an older workdir's config.json take the value they had before they existed.
+  """
   flat = {}
   for key in ARCHITECTURE_KEYS:
-    node = config
-    for part in key.split('.'):
-      node = node[part]
-    flat[key] = node
+    section, name = key.split('.')
+    flat[key] = config[section].get(name, ADDED_ARCHITECTURE_KEYS.get(key))
   return json.loads(json.dumps(flat))  # Tuples become lists, as in the saved JSON.
 
 
@@ -191,10 +306,11 @@ def check_workdir_config(config, workdir: str) -> None:
     if diffs:
       raise ValueError(f'The workdir {workdir} holds a run of another architecture; use a new --workdir or the '
                        f'same settings. Differences: ' + '; '.join(diffs))
-  elif jax.process_index() == 0:
+  elif jax.process_index() == 0:  # Written whole, then renamed: other processes never read half a file.
     os.makedirs(workdir, exist_ok=True)
-    with open(path, 'w') as f:
+    with open(path + '.tmp', 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + '.tmp', path)
 
 
 def checkpoint_manager(workdir: str, keep: int = 2, save_interval_steps: int = 1) -> ocp.CheckpointManager:
@@ -252,12 +368,19 @@ class StopSignal:
 
 
 def write_sample_grid(writer, sample_fn, params, config, workdir: str, step: int) -> None:
+  """Samples config.sampling.num_samples images and writes them as samples/ema_step_{step}.png and to TensorBoard."""
   rng = jax.random.key(config.sampling.seed)
   samples = generate(sample_fn, params, rng, config.sampling.num_samples, config.sampling.batch_size)
   if jax.process_index() == 0:
-    grid = images.make_grid(samples)
+    grid = images.make_grid(samples, sample_grid_columns(config))
     images.save_png(grid, os.path.join(workdir, 'samples', f'ema_step_{step}.png'))
     writer.write_images(step, {'ema_samples': grid[None]})
+
+
+def sample_grid_columns(config) -> int | None:
+  """Grid columns: one class per column for a conditional model sampling the classes in turn."""
+  m, s = config.model, config.sampling
+  return m.num_classes if m.num_classes and s.class_label < 0 and s.num_samples >= m.num_classes else None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -266,13 +389,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   check_config(config, mesh.size)
   check_workdir_config(config, workdir)
   data = input_pipeline.load_dataset(config.data)
+  if config.model.num_classes and config.model.num_classes != data.num_classes:
+    raise ValueError(f'model.num_classes={config.model.num_classes} but dataset {data.name!r} has '
+                     f'{data.num_classes or "no"} classes: set --config.model.num_classes={data.num_classes}.')
 
   model = unet_from_config(config.model)
   tx = create_optimizer(config.optim)
   schedule = schedule_from_config(config.diffusion)
-  sampler = sampling.sampler_from_config(config)
   replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P('batch'))
 
   manager = checkpoint_manager(workdir, config.training.keep_checkpoints)
   abstract_state = abstract_train_state(config, model, tx, mesh)
@@ -290,8 +414,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer.write_hparams({k: v for k, v in flatten(config.to_dict()).items()})
 
   train_step = make_train_step(config, model, tx, schedule, mesh)
-  sample_shape = (config.sampling.batch_size, config.data.image_size, config.data.image_size, config.data.channels)
-  sample_fn = make_sample_fn(model, schedule, sampler, sample_shape, mesh)
+  sample_fn = sample_fn_from_config(config, model, mesh)
   batches = input_pipeline.create_iterator(data, config.training.batch_size, config.seed, start_step,
                                            config.data.random_flip, jax.process_index(), jax.process_count())
   train_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
@@ -303,9 +426,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   step = start_step
   try:
     while step < num_steps:
-      local = next(batches)
-      batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
-      state, metrics = train_step(state, batch, train_rng)
+      state, metrics = train_step(state, shard_batch(next(batches), mesh, config.training.grad_accum_steps), train_rng)
       step += 1
       report(step)
       is_last = step == num_steps

@@ -1,6 +1,6 @@
 """Runs train_and_evaluate on the tiny test config in its own process (for device and host counts).
 
-  python tests/run_tiny_training.py WORKDIR OUT.npz [NUM_STEPS]
+  python tests/run_tiny_training.py WORKDIR OUT.npz [NUM_STEPS [GRAD_ACCUM_STEPS]]
 
 Set XLA_FLAGS=--xla_force_host_platform_device_count=N for N simulated devices, and start it
 with launch/local.sh for several processes. Process 0 writes the final params and EMA params,
@@ -17,11 +17,12 @@ sys.path[:0] = [TESTS, os.path.dirname(TESTS)]
 from test_train import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def main(workdir, out, num_steps='4'):
+def main(workdir, out, num_steps='4', grad_accum_steps='1'):
   from diffusion_jax import distributed, train  # pylint: disable=g-import-not-at-top
   distributed.initialize()
   config = tiny_config()
   config.training.num_train_steps = int(num_steps)
+  config.training.grad_accum_steps = int(grad_accum_steps)
   config.sampling.batch_size = 8  # Divisible by up to 8 devices.
   state = train.train_and_evaluate(config, workdir)
   if jax.process_index() == 0:

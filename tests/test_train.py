@@ -70,17 +70,81 @@ def test_resume_continues_from_the_last_checkpoint(trained, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, resumed.ema_params, direct.ema_params)
 
 
-def test_sample_mode_writes_png_and_npz(trained):
+def test_sample_mode_writes_png_npz_individual_images_and_the_chain(trained):
   workdir, _ = trained
-  out_dir = sample.sample_from_workdir(tiny_config(), workdir)
-  assert out_dir == os.path.join(workdir, 'samples', 'ddim4_eta1.0_uniform_ema_seed1')
+  config = tiny_config()
+  config.sampling.save_individual = True
+  config.sampling.chain_frames = 2
+  out_dir = sample.sample_from_workdir(config, workdir)
+  assert out_dir == os.path.join(workdir, 'samples', 'ddim4_eta1.0_uniform_ema_seed1_step3')
   saved = np.load(os.path.join(out_dir, 'samples.npz'))
   assert saved['images'].shape == (6, 8, 8, 1) and saved['images'].dtype == np.uint8
-  assert int(saved['step']) == 3
+  assert int(saved['step']) == 3 and 'labels' not in saved
   grid = np.asarray(Image.open(os.path.join(out_dir, 'grid.png')))
   assert grid.shape[:2] == (22, 32)
+  assert sorted(os.listdir(os.path.join(out_dir, 'images'))) == [f'{i:05d}.png' for i in range(6)]
+  np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(out_dir, 'images', '00005.png'))),
+                                saved['images'][5, ..., 0])
+  # Chain of the first batch (4 images): x_T, after steps 2 and 4 -> 3 frames; its last column is the samples.
+  strip = np.asarray(Image.open(os.path.join(out_dir, 'chain.png')))
+  assert strip.shape == (4 * 10 + 2, 3 * 10 + 2)
+  np.testing.assert_array_equal(strip[2:10, 22:30], saved['images'][0, ..., 0])
+  gif = Image.open(os.path.join(out_dir, 'chain.gif'))
+  assert gif.n_frames == 3
+  gif.seek(2)
+  np.testing.assert_array_equal(np.asarray(gif.convert('L'))[2:10, 2:10], saved['images'][0, ..., 0])
   again = np.load(os.path.join(sample.sample_from_workdir(tiny_config(), workdir), 'samples.npz'))['images']
   np.testing.assert_array_equal(again, saved['images'])  # Deterministic given sampling.seed.
+
+
+def test_sample_mode_errors(trained):
+  workdir, _ = trained
+  config = tiny_config()
+  config.sampling.checkpoint_step = 1
+  with pytest.raises(ValueError, match=r'No checkpoint at step 1 in .*available steps: \[2, 3\]'):
+    sample.sample_from_workdir(config, workdir)
+  config = tiny_config()
+  config.sampling.num_samples = 0
+  with pytest.raises(ValueError, match=r'sampling.num_samples must be a positive integer, got 0'):
+    sample.sample_from_workdir(config, workdir)
+
+
+def test_compare_mode_writes_one_labelled_row_per_sampler_and_weights(trained):
+  workdir, _ = trained
+  config = tiny_config()
+  config.sampling.compare_images = 4
+  config.sampling.compare_steps = (2, 5)
+  path = sample.compare_from_workdir(config, workdir)
+  assert path == os.path.join(workdir, 'samples', 'compare_seed1_step3.png')
+  picture = np.asarray(Image.open(path))
+  # Rows: (DDPM-20, DDIM-2, DDIM-5) x (EMA, raw), each a 4-image row of 8px + 2px borders, upscaled x2.
+  assert picture.shape[0] == 6 * 2 * (8 + 2 * 2) and picture.shape[2] == 3
+
+
+def test_interpolate_mode_inverts_reconstructs_and_interpolates(trained, tmp_path):
+  workdir, _ = trained
+  config = tiny_config()
+  config.sampling.compare_steps = (2, 20)
+  config.sampling.interpolate_steps = 20
+  config.sampling.interpolate_frames = 3
+  out_dir = sample.interpolate_from_workdir(config, workdir)
+  assert out_dir == os.path.join(workdir, 'samples', 'interpolate_step3')
+  strip = np.asarray(Image.open(os.path.join(out_dir, 'interpolation.png')))
+  assert strip.shape == (12, 5 * 10 + 2)  # The two images with 3 interpolated frames between them.
+  assert Image.open(os.path.join(out_dir, 'interpolation.gif')).n_frames == 4  # Frames 0, 1, 2, 1.
+  with open(os.path.join(out_dir, 'reconstruction.json')) as f:
+    mse = json.load(f)['reconstruction_mse_by_ddim_steps']
+  assert set(mse) == {'2', '20'} and all(0 <= v < 4 for v in mse.values())
+  # The end frames decode the inverted images themselves: close to the originals for 20 steps.
+  originals = strip[2:10, [2, 42]]
+  np.testing.assert_allclose(strip[2:10, [12, 32]].astype(float), originals.astype(float), atol=64)
+
+  small, large = tmp_path / 'small.png', tmp_path / 'large.png'
+  Image.new('L', (8, 8)).save(small)
+  Image.new('L', (9, 8)).save(large)
+  config.sampling.interpolate_files = (str(small), str(large))
+  with pytest.raises(ValueError, match=r'images of different sizes: .*small.png is 8x8 and .*large.png is 9x8'):
+    sample.interpolate_from_workdir(config, workdir)
 
 
 def test_workdir_of_another_architecture_is_refused(trained):
@@ -93,7 +157,7 @@ def test_workdir_of_another_architecture_is_refused(trained):
 
 @pytest.mark.parametrize('section, key, value, message', [
     ('data', 'dataset', 'imagenet', r"Unknown dataset 'imagenet'; choose one of .*'digits'"),
-    ('sampling', 'method', 'euler', r"Unknown sampler 'euler'; choose one of \['ddim', 'ddpm'\]"),
+    ('sampling', 'method', 'euler', r"Unknown sampler 'euler'; choose one of \['ddim', 'ddpm', 'dpm\+\+2m'\]"),
     ('diffusion', 'schedule', 'cubic', r"Unknown noise schedule 'cubic'"),
     ('training', 'batch_size', 0, r'training.batch_size=0 must be a positive multiple'),
     ('model', 'attn_resolutions', (3,), r'attention resolution\(s\) \[3\] never occur'),
@@ -164,3 +228,14 @@ def test_interrupted_run_saves_a_checkpoint_and_resumes_from_it(tmp_path, signal
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'Resumed from the checkpoint at step {steps[0]}.' in result.stderr
   assert sorted(train.checkpoint_manager(str(tmp_path)).all_steps())[-1] == steps[0] + 2
+
+
+def test_compilation_cache_from_the_config_unless_the_environment_sets_one(tmp_path):
+  code = ('import jax; from diffusion_jax import distributed; distributed.enable_compilation_cache({!r}); '
+          'print(jax.config.jax_compilation_cache_dir)')
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  run = lambda path, env: subprocess.run([sys.executable, '-c', code.format(path)], cwd=REPO, env=env,
+                                         capture_output=True, text=True, timeout=120)
+  assert run(str(tmp_path / 'cache'), env).stdout.strip() == str(tmp_path / 'cache')
+  env['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path / 'from_env')
+  assert run(str(tmp_path / 'cache'), env).stdout.strip() == str(tmp_path / 'from_env')

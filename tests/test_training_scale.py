@@ -64,6 +64,22 @@ def test_eight_devices_equal_one_device(one_device_run, tmp_path):
   assert_same_training(eight, one_device_run)
 
 
+def test_gradient_accumulation_equals_the_full_batch(one_device_run, tmp_path):
+  """4 devices x 2 micro-batches of 4 train like 1 device with the whole batch of 8 (no dropout)."""
+  finish(run_script([tmp_path / 'run', tmp_path / 'out.npz', 4, 2], devices=4))
+  accumulated = np.load(tmp_path / 'out.npz')
+  assert int(accumulated['devices']) == 4
+  assert_same_training(accumulated, one_device_run)
+
+
+def test_gradient_accumulation_must_divide_the_batch():
+  config = tiny_config()
+  config.training.grad_accum_steps = 3
+  with pytest.raises(ValueError, match=r'grad_accum_steps=3 must be .*training.batch_size=8 is a multiple of grad_accum_steps '
+                                       r'x the 2 devices'):
+    train.check_config(config, 2)
+
+
 def free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -157,8 +173,8 @@ def test_ema_equals_the_closed_form(tmp_path):
   decays = []
   rng = np.random.default_rng(0)
   for _ in range(4):
-    batch = {'image': jnp.asarray(rng.uniform(-1, 1, (8, 8, 8, 1)), jnp.float32), 'label': jnp.zeros(8, jnp.int32)}
-    state, metrics = step_fn(state, batch, jax.random.key(1))
+    batch = {'image': rng.uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32), 'label': np.zeros(8, np.int32)}
+    state, metrics = step_fn(state, train.shard_batch(batch, mesh), jax.random.key(1))
     params_sequence.append(jax.device_get(state.params))
     decays.append(float(metrics['ema_decay']))
   np.testing.assert_allclose(decays, [min(0.999, (1 + s) / (10 + s)) for s in range(4)], rtol=1e-6)

@@ -1,7 +1,8 @@
 """The U-Net of Ho et al. (2020) in Flax linen, following the original TF code.
 
-The model knows nothing about diffusion: it maps images x (B, H, W, C) and integer
-timesteps t (B,) to an output of shape (B, H, W, out_channels).
+The model knows nothing about diffusion: it maps images x (B, H, W, C), integer
+timesteps t (B,) and, for a class-conditional model, integer labels y (B,) to an output
+of shape (B, H, W, out_channels).
 """
 import math
 from typing import Optional, Sequence
@@ -90,7 +91,8 @@ class AttnBlock(nn.Module):
     dense = lambda name, scale=1.0: nn.Dense(C, kernel_init=default_init(scale), dtype=self.dtype, name=name)
     h = nn.GroupNorm(num_groups=self.num_groups, epsilon=1e-6, dtype=self.dtype, name='norm')(x)
     q, k, v = (dense(name)(h).reshape(B, H * W, C) for name in ('q', 'k', 'v'))
-    weights = jax.nn.softmax(jnp.einsum('bic,bjc->bij', q, k) * C**-0.5, axis=-1)
+    logits = jnp.einsum('bic,bjc->bij', q, k).astype(jnp.float32) * C**-0.5  # Softmax in float32 under bf16.
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     h = jnp.einsum('bij,bjc->bic', weights, v).reshape(B, H, W, C)
     return x + dense('proj_out', scale=0.0)(h)
 
@@ -110,11 +112,16 @@ class UNet(nn.Module):
   resamp_with_conv: bool = True
   out_channels: Optional[int] = None  # None: as many as the input.
   num_groups: int = 32
+  num_classes: int = 0  # > 0: class-conditional; label num_classes is the null (unconditional) label.
   dtype: jnp.dtype = jnp.float32  # Computation dtype; parameters stay float32.
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array] = None, train: bool = False) -> jax.Array:
+    """x: (B, H, W, C) images; t: (B,) int timesteps; y: (B,) int labels in [0, num_classes] (conditional only)."""
     B, H, W, C = x.shape
+    if (y is None) != (self.num_classes == 0):
+      raise ValueError('A class-conditional U-Net (num_classes > 0) needs labels y and an unconditional one takes '
+                       f'none; got num_classes={self.num_classes} and y={"None" if y is None else y.shape}.')
     num_levels = len(self.ch_mult)
     check_unet_config(H, C, self.ch, self.ch_mult, self.attn_resolutions, self.num_groups, self.num_res_blocks)
     factor = 2 ** (num_levels - 1)
@@ -129,6 +136,8 @@ class UNet(nn.Module):
     temb = timestep_embedding(t, self.ch)
     temb = nn.Dense(4 * self.ch, kernel_init=default_init(), dtype=self.dtype, name='temb_dense0')(temb)
     temb = nn.Dense(4 * self.ch, kernel_init=default_init(), dtype=self.dtype, name='temb_dense1')(nn.swish(temb))
+    if self.num_classes:  # A learned embedding per class plus one for the null label, added to temb.
+      temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, dtype=self.dtype, name='label_embedding')(y)
 
     hs = [conv3(self.ch, 'conv_in')(h)]
     for level, mult in enumerate(self.ch_mult):
@@ -168,9 +177,16 @@ class UNet(nn.Module):
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
-def unet_from_config(model_config, dtype=jnp.float32) -> UNet:
-  """The UNet described by config.model."""
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def unet_from_config(model_config) -> UNet:
+  """The UNet described by config.model (model.dtype: 'float32', or 'bfloat16' compute with float32 params)."""
+  dtype = model_config.get('dtype', 'float32')
+  if dtype not in DTYPES:
+    raise ValueError(f'Unknown model.dtype {dtype!r}; choose one of {sorted(DTYPES)}.')
   return UNet(ch=model_config.ch, ch_mult=tuple(model_config.ch_mult), num_res_blocks=model_config.num_res_blocks,
               attn_resolutions=tuple(model_config.attn_resolutions), dropout=model_config.dropout,
               resamp_with_conv=model_config.resamp_with_conv, out_channels=model_config.get('out_channels'),
-              num_groups=model_config.num_groups, dtype=dtype)
+              num_groups=model_config.num_groups, num_classes=model_config.get('num_classes', 0),
+              dtype=DTYPES[dtype])

@@ -1,0 +1,87 @@
+"""Sampling speed table: DDPM (all T steps) vs DDIM at several step counts, images/s, per config.
+
+  python bench/sampling_speed.py --configs=default,mnist,cifar10 --batch=16 --ddim_steps=10,20,50,100
+
+Each sampler runs once to compile and then --repeats timed batches of --batch images (median).
+DDPM with T steps runs in full unless --ddpm_estimate: then its time is estimated as T / 100
+times the measured DDIM-100 time (the same model calls, one per step) and marked as an estimate.
+Prints a markdown table with the date, machine and command.
+"""
+import datetime
+import importlib
+import os
+import platform
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('configs', ['default', 'mnist', 'cifar10'], 'Config modules under configs/.')
+flags.DEFINE_integer('batch', 16, 'Images per sampling batch.')
+flags.DEFINE_list('ddim_steps', ['10', '20', '50', '100'], 'DDIM step counts.')
+flags.DEFINE_integer('repeats', 1, 'Timed batches per sampler (median).')
+flags.DEFINE_bool('ddpm_estimate', False, 'Estimate DDPM from DDIM-100 instead of running all T steps.')
+
+
+def cpu_name() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    return platform.processor() or 'unknown CPU'
+
+
+def main(argv):
+  del argv
+  from diffusion_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.configure_cpu_devices(-1, (FLAGS.batch,))
+  import jax  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import sampling, train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.models.unet import unet_from_config  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.schedules import schedule_from_config  # pylint: disable=g-import-not-at-top
+
+  mesh = train.create_mesh()
+  device = f'{jax.devices()[0].device_kind} x {mesh.size}'
+  if jax.devices()[0].platform == 'cpu':
+    device += f' ({cpu_name()}, {os.cpu_count()} cores)'
+  rows = []
+  for name in FLAGS.configs:
+    config = importlib.import_module(f'configs.{name}').get_config()
+    model = unet_from_config(config.model)
+    schedule = schedule_from_config(config.diffusion)
+    state = jax.jit(lambda k, c=config, m=model: train.create_train_state(c, m, train.create_optimizer(c.optim), k))(
+        jax.random.key(0))
+    shape = (FLAGS.batch, config.data.image_size, config.data.image_size, config.data.channels)
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    T = config.diffusion.num_timesteps
+    samplers = [(f'DDIM-{k}', sampling.Sampler('ddim', int(k), eta=0.0)) for k in FLAGS.ddim_steps]
+    if not FLAGS.ddpm_estimate:
+      samplers.append((f'DDPM-{T}', sampling.Sampler('ddpm', T)))
+    seconds = {}
+    for label, sampler in samplers:
+      sample_fn = train.make_sample_fn(model, schedule, sampler, shape, mesh)
+      jax.block_until_ready(sample_fn(state.params, jax.random.key(1), 0))  # Compile.
+      times = []
+      for i in range(FLAGS.repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(sample_fn(state.params, jax.random.key(2 + i), 0))
+        times.append(time.perf_counter() - start)
+      seconds[label] = statistics.median(times)
+      print(f'{name} {label}: {seconds[label]:.2f} s per batch of {FLAGS.batch}', flush=True)
+    if FLAGS.ddpm_estimate:
+      if 'DDIM-100' not in seconds:
+        raise app.UsageError('--ddpm_estimate needs 100 in --ddim_steps.')
+      seconds[f'DDPM-{T} (estimated)'] = seconds['DDIM-100'] * T / 100
+    for label, s in seconds.items():
+      rows.append(f'| {name} ({num_params / 1e6:.2f}M, {shape[1]}x{shape[2]}x{shape[3]}) | {label} | {FLAGS.batch} | '
+                  f'{s:.2f} | {FLAGS.batch / s:.2f} |')
+
+  print(f'\n{datetime.date.today()}, {device}; command: python {" ".join(sys.argv)}\n')
+  print('| model | sampler | batch | seconds per batch | images/s |\n|---|---|---|---|---|')
+  print('\n'.join(rows))
+
+
+if __name__ == '__main__':
+  app.run(main)
