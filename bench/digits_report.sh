@@ -2,7 +2,7 @@
 # The offline quality report of the embedded-digits models (README "Quality on the embedded digits"):
 # trains (or resumes) the unconditional demo and the class-conditional model, then measures them with the
 # project's digit classifier: DDIM vs DPM-Solver++(2M) at equal steps, guidance w=0 vs w>0, DDIM inversion.
-#   bench/digits_report.sh [RUNS_DIR]      (default runs/; about 20 minutes on 2 CPU cores)
+#   bench/digits_report.sh [RUNS_DIR]      (default runs/; about 25 minutes on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-runs}"
@@ -20,6 +20,7 @@ done
 main --config=configs/default.py --workdir="$runs/digits" --mode=eval --config.eval.num_samples=$samples \
   --config.sampling.batch_size=100
 main --config=configs/default.py --workdir="$runs/digits" --mode=interpolate
+main --config=configs/default.py --workdir="$runs/digits" --mode=compare
 
 main --config=configs/digits_conditional.py --workdir="$runs/digits_conditional" \
   --config.training.num_train_steps=1500

@@ -87,7 +87,7 @@ def get_config():
   # --mode=compare: the same noise through DDPM (all T steps) and DDIM at these step counts, EMA and raw weights.
   config.sampling.compare_images = 8
   config.sampling.compare_steps = (10, 20, 50, 100)
-  # --mode=interpolate: DDIM inversion of two images (files, or the first two training images), slerp, decoding.
+  # --mode=interpolate: DDIM inversion of two images (files, or the first and middle training image), slerp, decoding.
   config.sampling.interpolate_files = ()
   config.sampling.interpolate_frames = 9
   config.sampling.interpolate_steps = 100  # DDIM steps of the inversion and decoding.

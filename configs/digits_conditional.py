@@ -7,6 +7,6 @@ def get_config():
   config.model.num_classes = 10
   config.model.label_dropout = 0.1
   config.sampling.guidance_scale = 2.0
-  config.sampling.num_samples = 100  # Ten of each class: one class per grid column.
+  config.sampling.num_samples = 100  # Ten of each class: one class per grid row.
   config.sampling.batch_size = 100
   return config

@@ -111,8 +111,7 @@ def sample_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
     labels = sample_labels(config, s.num_samples)
     extra = {} if labels is None else {'labels': labels}
     np.savez_compressed(os.path.join(makedirs(out_dir), 'samples.npz'), images=samples, step=step, **extra)
-    images.save_png(images.make_grid(samples[:256], train.sample_grid_columns(config)),
-                    os.path.join(out_dir, 'grid.png'))
+    images.save_png(images.make_grid(*train.grid_layout(samples[:256], config)), os.path.join(out_dir, 'grid.png'))
     if s.save_individual:
       for i, image in enumerate(samples):
         images.save_png(image, os.path.join(out_dir, 'images', f'{i:05d}.png'))
@@ -149,7 +148,7 @@ def compare_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str
       name = f'DDPM-{T}' if sampler.method == 'ddpm' else f'DDIM-{sampler.num_steps}'
       labels.append(f'{name} {"EMA" if use_ema else "raw"}  {seconds:.1f} s')
       rows.append(images.make_grid(row, n))
-      logging.info('%s: %d images in %.2f s.', labels[-1], n, seconds)
+      logging.info('%s (%d images).', labels[-1], n)
   path = os.path.join(workdir, 'samples', f'compare_seed{s.seed}_step{int(restored.state.step)}.png')
   if jax.process_index() == 0:
     images.save_png(images.labelled_rows(rows, labels), path)
@@ -158,10 +157,11 @@ def compare_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str
 
 
 def interpolation_pair(config) -> np.ndarray:
-  """uint8 (2, H, W, C): the files sampling.interpolate_files, or the first two training images."""
+  """uint8 (2, H, W, C): the files sampling.interpolate_files, or the first and the middle training image."""
   d, files = config.data, config.sampling.interpolate_files
   if not files:
-    return input_pipeline.read_images(input_pipeline.load_dataset(config.data), np.arange(2))
+    data = input_pipeline.load_dataset(config.data)
+    return input_pipeline.read_images(data, np.array([0, len(data) // 2]))
   if len(files) != 2:
     raise ValueError(f'sampling.interpolate_files must name two images, got {len(files)}: {files}.')
   pictures = []
@@ -221,7 +221,7 @@ def interpolate_from_workdir(config: ml_collections.ConfigDict, workdir: str) ->
                     hold_last=1)  # There and back.
     with open(os.path.join(out_dir, 'reconstruction.json'), 'w') as f:
       json.dump({'step': int(restored.state.step), 'reconstruction_mse_by_ddim_steps': reconstruction_mse,
-                 'images': list(s.interpolate_files) or 'first two training images'}, f, indent=2)
+                 'images': list(s.interpolate_files) or 'the first and the middle training image'}, f, indent=2)
     logging.info('Wrote %s.', out_dir)
   return out_dir
 

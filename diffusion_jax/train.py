@@ -372,15 +372,22 @@ def write_sample_grid(writer, sample_fn, params, config, workdir: str, step: int
   rng = jax.random.key(config.sampling.seed)
   samples = generate(sample_fn, params, rng, config.sampling.num_samples, config.sampling.batch_size)
   if jax.process_index() == 0:
-    grid = images.make_grid(samples, sample_grid_columns(config))
+    grid = images.make_grid(*grid_layout(samples, config))
     images.save_png(grid, os.path.join(workdir, 'samples', f'ema_step_{step}.png'))
     writer.write_images(step, {'ema_samples': grid[None]})
 
 
-def sample_grid_columns(config) -> int | None:
-  """Grid columns: one class per column for a conditional model sampling the classes in turn."""
+def grid_layout(samples: np.ndarray, config) -> tuple[np.ndarray, int | None]:
+  """Samples (N, H, W, C) in grid order and the grid's columns (None: square).
+
+  A conditional model that samples the classes in turn gets one row per class.
+  """
   m, s = config.model, config.sampling
-  return m.num_classes if m.num_classes and s.class_label < 0 and s.num_samples >= m.num_classes else None
+  if not (m.num_classes and s.class_label < 0 and len(samples) >= m.num_classes):
+    return samples, None
+  per_class = len(samples) // m.num_classes
+  labels = np.arange(per_class * m.num_classes) % m.num_classes
+  return samples[:len(labels)][np.argsort(labels, kind='stable')], per_class
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:

@@ -114,3 +114,14 @@ def test_bfloat16_training_tracks_float32():
       losses[dtype].append(float(metrics['loss']))
     assert jax.tree.leaves(state.params)[0].dtype == jnp.float32
   np.testing.assert_allclose(losses['bfloat16'], losses['float32'], rtol=0.02)
+
+
+def test_grid_shows_one_row_per_class():
+  config = conditional_config()
+  samples = np.arange(25, dtype=np.uint8).reshape(25, 1, 1, 1)  # Sample i has label i mod 10.
+  ordered, columns = train.grid_layout(samples, config)
+  assert columns == 2
+  np.testing.assert_array_equal(ordered[:, 0, 0, 0], [0, 10, 1, 11, 2, 12, 3, 13, 4, 14, 5, 15, 6, 16, 7, 17, 8, 18,
+                                                      9, 19])
+  config.sampling.class_label = 3
+  assert train.grid_layout(samples, config)[1] is None
