@@ -83,10 +83,10 @@ def batches_of(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     yield images[start:start + batch_size]
 
 
-def dataset_batches(data: input_pipeline.Data, batch_size: int) -> Iterator[np.ndarray]:
-  """The dataset's images in order as uint8 batches (b, H, W, C), unaugmented."""
-  for start in range(0, len(data), batch_size):
-    yield input_pipeline.read_images(data, np.arange(start, min(start + batch_size, len(data))))
+def dataset_batches(data: input_pipeline.Data, batch_size: int, total: int) -> Iterator[np.ndarray]:
+  """The dataset's first `total` images in order as uint8 batches (b, H, W, C), unaugmented."""
+  for start in range(0, total, batch_size):
+    yield input_pipeline.read_images(data, np.arange(start, min(start + batch_size, total)))
 
 
 def compute_reference_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -94,16 +94,15 @@ def compute_reference_stats(config: ml_collections.ConfigDict, workdir: str) -> 
   if feature_kind(config) == 'digits':
     raise ValueError('eval.features=digits compares against the held-out real digits and needs no reference '
                      'statistics; use --config.eval.features=inception to make Inception statistics.')
+  limit = config.eval.reference_images
+  if limit != -1:
+    sample.check_positive_int('eval.reference_images (or -1 for all)', limit)
   variables = load_inception(config)
   data = input_pipeline.load_dataset(config.data)
-  limit = config.eval.reference_images
-  logging.info('Reference statistics of %s: %d images.', data.name, len(data) if limit < 0 else min(limit, len(data)))
-  batches = dataset_batches(data, config.eval.batch_size)
-  total = len(data)
-  if limit > 0:
-    total = min(limit, len(data))
-    batches = (b for i, b in zip(range(-(-total // config.eval.batch_size)), batches))
-  accumulator, _ = inception_features(variables, batches, config.eval.batch_size, total)
+  total = len(data) if limit == -1 else min(limit, len(data))
+  logging.info('Reference statistics of %s: %d images.', data.name, total)
+  accumulator, _ = inception_features(variables, dataset_batches(data, config.eval.batch_size, total),
+                                      config.eval.batch_size, total)
   path = reference_stats_path(config, workdir)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
@@ -170,8 +169,7 @@ def training_bits_per_dim(config, model, params, num_images: int) -> float:
   data = input_pipeline.load_dataset(config.data)
   if num_images > len(data):
     raise ValueError(f'eval.bpd_images={num_images} but the dataset has {len(data)} images.')
-  images = np.concatenate(list(dataset_batches(data, config.eval.batch_size)) if num_images == len(data) else
-                          [next(dataset_batches(data, num_images))])
+  images = np.concatenate(list(dataset_batches(data, config.eval.batch_size, num_images)))
   model_fn = jax.jit(lambda x, t: model.apply({'params': params}, x, t, train=False))
   return likelihood.dataset_bits_per_dim(model_fn, schedule_from_config(config.diffusion), images,
                                          config.eval.batch_size, jax.random.key(config.seed),

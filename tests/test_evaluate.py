@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from diffusion_jax import evaluate, input_pipeline, metrics, train
+from diffusion_jax import evaluate, input_pipeline, likelihood, metrics, train
 from diffusion_jax.models import inception
+from diffusion_jax.models.unet import unet_from_config
+from diffusion_jax.schedules import schedule_from_config
 from test_train import tiny_config
 
 _spec = importlib.util.spec_from_file_location('inception_random_weights',
@@ -89,9 +91,18 @@ def test_eval_of_digits_with_the_classifier(tmp_path):
   config.training.num_train_steps = 1
   config.eval.num_samples = 12
   config.eval.classifier_cache = CLASSIFIER_CACHE
-  train.train_and_evaluate(config, str(tmp_path))
+  config.eval.bpd_images = 3
+  config.eval.batch_size = 2
+  state = train.train_and_evaluate(config, str(tmp_path))
   results = evaluate.evaluate(config, str(tmp_path))
   assert results['features'] == 'digits' and results['num_samples'] == 12
+  # Bits/dim of the first 3 training images, recomputed from the EMA weights (all T = 20 terms).
+  model = unet_from_config(config.model)
+  images = input_pipeline.load_dataset(config.data).images[:3]
+  expected = likelihood.dataset_bits_per_dim(lambda x, t: model.apply({'params': state.ema_params}, x, t),
+                                             schedule_from_config(config.diffusion), images, 2, jax.random.key(0))
+  np.testing.assert_allclose(results['bits_per_dim'], expected, rtol=1e-5)
+  assert 0 < results['bits_per_dim'] < 20
   assert sum(results['class_histogram']) == 12
   # One step of training makes noise, far from the held-out digits; the classifier is not confident.
   assert results['classifier_fid'] > 10 and results['confident_share'] < 0.5
