@@ -89,6 +89,15 @@ def test_conditional_config_errors():
   config.model.label_dropout = 1.0
   with pytest.raises(ValueError, match=r'model.label_dropout must be in \[0, 1\), got 1.0'):
     train.check_config(config, 1)
+  config = conditional_config()
+  config.sampling.class_label = 10
+  with pytest.raises(ValueError, match=r'sampling.class_label=10 is outside the classes \[0, 10\) of this model'):
+    train.check_config(config, 1)
+  config = tiny_config()
+  config.sampling.guidance_scale = 2.0
+  with pytest.raises(ValueError, match=r'guidance_scale=2.0 needs a class-conditional model .* set '
+                                       r'sampling.guidance_scale=0'):
+    train.check_config(config, 1)
   config = tiny_config()
   config.model.dtype = 'float16'
   with pytest.raises(ValueError, match=r"Unknown model.dtype 'float16'; choose one of \['bfloat16', 'float32'\]"):
