@@ -66,7 +66,7 @@ def main(argv):
     sampler = sampling.Sampler('ddim', FLAGS.sample_steps, eta=config.sampling.eta)
     shape = (config.sampling.batch_size, size, size, channels)
     sample_fn = train.make_sample_fn(model, schedule, sampler, shape, mesh)
-    seconds = median_seconds(lambda: jax.block_until_ready(sample_fn(holder[0].ema_params, jax.random.key(2))),
+    seconds = median_seconds(lambda: jax.block_until_ready(sample_fn(holder[0].ema_params, jax.random.key(2), 0)),
                              max(1, FLAGS.steps // 5))
     print(f'DDIM-{FLAGS.sample_steps}, batch {shape[0]}: {seconds:.2f} s ({shape[0] / seconds:.2f} images/s)')
 

@@ -20,6 +20,12 @@ def check_choice(kind: str, value: str, allowed) -> None:
     raise ValueError(f'Unknown {kind} {value!r}; choose one of {sorted(allowed)}.')
 
 
+def check_positive_int(name: str, value) -> None:
+  """Raises a ValueError naming the setting when `value` is not a positive integer (bools are not)."""
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+
+
 def expand_to(a: jax.Array, ndim: int) -> jax.Array:
   """a (B,) or () reshaped to (B, 1, ..., 1) to broadcast against arrays of rank `ndim`."""
   a = jnp.asarray(a)

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from diffusion_jax import digit_classifier, input_pipeline, likelihood, metrics, sample, train
+from diffusion_jax.diffusion import check_positive_int
 from diffusion_jax.models import inception
 from diffusion_jax.schedules import schedule_from_config
 
@@ -96,7 +97,7 @@ def compute_reference_stats(config: ml_collections.ConfigDict, workdir: str) -> 
                      'statistics; use --config.eval.features=inception to make Inception statistics.')
   limit = config.eval.reference_images
   if limit != -1:
-    sample.check_positive_int('eval.reference_images (or -1 for all)', limit)
+    check_positive_int('eval.reference_images (or -1 for all)', limit)
   variables = load_inception(config)
   data = input_pipeline.load_dataset(config.data)
   total = len(data) if limit == -1 else min(limit, len(data))
@@ -115,8 +116,8 @@ def compute_reference_stats(config: ml_collections.ConfigDict, workdir: str) -> 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Samples and measures a checkpoint (see the module docstring); returns the results written to JSON."""
   e = config.eval
-  sample.check_positive_int('eval.num_samples', e.num_samples)
-  sample.check_positive_int('eval.batch_size', e.batch_size)
+  check_positive_int('eval.num_samples', e.num_samples)
+  check_positive_int('eval.batch_size', e.batch_size)
   kind = feature_kind(config)
   if e.bpd_images and config.model.num_classes:
     raise ValueError('eval.bpd_images is for unconditional models: the bound of a conditional model needs labels.')

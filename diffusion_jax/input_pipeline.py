@@ -39,6 +39,8 @@ import numpy as np
 from PIL import Image, ImageOps
 import tensorflow as tf
 
+from diffusion_jax.diffusion import check_positive_int
+
 LSUN_CATEGORIES = (
     'airplane', 'bedroom', 'bicycle', 'bird', 'boat', 'bottle', 'bridge', 'bus', 'car', 'cat', 'chair',
     'church_outdoor', 'classroom', 'conference_room', 'cow', 'dining_room', 'dining_table', 'dog', 'horse', 'kitchen',
@@ -324,8 +326,7 @@ def load_dataset(data_config) -> Data:
   name = data_config.dataset
   check_dataset_name(name)
   size = data_config.image_size
-  if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-    raise ValueError(f'data.image_size must be a positive integer, got {size!r}.')
+  check_positive_int('data.image_size', size)
   if data_config.channels not in (1, 3):
     raise ValueError(f'data.channels must be 1 (grayscale) or 3 (RGB), got {data_config.channels!r}.')
   if name == 'folder':

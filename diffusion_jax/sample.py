@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from diffusion_jax import images, input_pipeline, sampling, train
+from diffusion_jax.diffusion import check_positive_int
 from diffusion_jax.models.unet import unet_from_config
 from diffusion_jax.schedules import schedule_from_config
 
@@ -38,11 +39,6 @@ class Restored:
 
   def params(self, use_ema: bool):
     return self.state.ema_params if use_ema else self.state.params
-
-
-def check_positive_int(name: str, value) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-    raise ValueError(f'{name} must be a positive integer, got {value!r}.')
 
 
 def restore(config: ml_collections.ConfigDict, workdir: str) -> Restored:
