@@ -168,6 +168,9 @@ def make_train_step(config, model: nn.Module, tx: optax.GradientTransformation, 
                                         config.diffusion.loss)
       return losses.mean()
 
+    # Differentiate with respect to per-device (varying) params: an invariant params' gradient would already be
+    # summed over devices by shard_map's autodiff, and the pmean would then leave it num_devices times too large.
+    params = jax.lax.pcast(params, 'batch', to='varying')
     return jax.lax.pmean(jax.value_and_grad(loss_fn)(params), 'batch')
 
   def apply_gradients(state: TrainState, loss: jax.Array, grads) -> tuple[TrainState, dict]:

@@ -31,14 +31,23 @@ def finish(process):
   assert process.returncode == 0, err[-3000:]
 
 
-def assert_same_training(a, b):
-  """Equal params and EMA params, to float32 rounding amplified by Adam.
+def assert_same_training(run, reference):
+  """The runs in directories run and reference (out.npz, and event files in run/) trained alike.
 
-  In its first steps Adam moves each parameter by about +-lr whatever the gradient's size, so where a
-  gradient is zero up to rounding (summed in another order across devices) a parameter can move the
-  other way: single entries may differ by up to the sum of the learning rates (6e-5 here), while the
-  whole tree must agree to 1e-4 relative (seen: 1e-5).
+  The logged loss and gradient norm (the norm of the gradient of the global batch-mean loss, before
+  clipping) agree to 1e-5 at every step. Params and EMA params agree to float32 rounding amplified
+  by Adam: in its first steps Adam moves each parameter by about +-lr whatever the gradient's size,
+  so where a gradient is zero up to rounding (summed in another order across devices) a parameter can
+  move the other way: single entries may differ by up to the sum of the learning rates (6e-5 here),
+  while the whole tree must agree to 1e-4 relative (seen: 1e-5).
   """
+  _, run_scalars = scalars(run / 'run')
+  _, reference_scalars = scalars(reference / 'run')
+  for tag in ('loss', 'grad_norm'):
+    assert [s for s, _ in run_scalars[tag]] == [s for s, _ in reference_scalars[tag]], tag
+    np.testing.assert_allclose([v for _, v in run_scalars[tag]], [v for _, v in reference_scalars[tag]],
+                               rtol=1e-5, err_msg=tag)
+  a, b = np.load(run / 'out.npz'), np.load(reference / 'out.npz')
   assert set(a.files) == set(b.files)
   keys = [k for k in a.files if '/' in k]
   for key in keys:
@@ -53,23 +62,22 @@ def assert_same_training(a, b):
 def one_device_run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('one')
   finish(run_script([tmp / 'run', tmp / 'out.npz'], devices=1))
-  return np.load(tmp / 'out.npz')
+  assert int(np.load(tmp / 'out.npz')['devices']) == 1
+  return tmp
 
 
 def test_eight_devices_equal_one_device(one_device_run, tmp_path):
   """Global batch 8 over 8 simulated devices trains to the same params as over 1 device."""
   finish(run_script([tmp_path / 'run', tmp_path / 'out.npz'], devices=8))
-  eight = np.load(tmp_path / 'out.npz')
-  assert int(eight['devices']) == 8 and int(one_device_run['devices']) == 1
-  assert_same_training(eight, one_device_run)
+  assert int(np.load(tmp_path / 'out.npz')['devices']) == 8
+  assert_same_training(tmp_path, one_device_run)
 
 
 def test_gradient_accumulation_equals_the_full_batch(one_device_run, tmp_path):
   """4 devices x 2 micro-batches of 4 train like 1 device with the whole batch of 8 (no dropout)."""
   finish(run_script([tmp_path / 'run', tmp_path / 'out.npz', 4, 2], devices=4))
-  accumulated = np.load(tmp_path / 'out.npz')
-  assert int(accumulated['devices']) == 4
-  assert_same_training(accumulated, one_device_run)
+  assert int(np.load(tmp_path / 'out.npz')['devices']) == 4
+  assert_same_training(tmp_path, one_device_run)
 
 
 def test_gradient_accumulation_must_divide_the_batch():
@@ -96,7 +104,7 @@ def test_two_processes_equal_one_process(one_device_run, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:] + open(tmp_path / 'process_1.log').read()[-3000:]
   two = np.load(tmp_path / 'out.npz')
   assert int(two['processes']) == 2 and int(two['devices']) == 2
-  assert_same_training(two, one_device_run)
+  assert_same_training(tmp_path, one_device_run)
 
 
 def scalars(workdir):
