@@ -30,13 +30,32 @@ def initialize() -> None:
                jax.local_device_count(), jax.device_count())
 
 
-def configure_cpu_devices(num_cpu_devices: int, batch_sizes: tuple[int, ...]) -> None:
-  """Splits the host CPU into several JAX devices (used only when there is no GPU/TPU); call before jax starts.
+# XLA:CPU hands convolutions to YNNPACK by default (jaxlib 0.10-0.11), whose kernel gradient runs at a third
+# of the forward's speed; Eigen's runs at full speed, and the CIFAR-10 train step is 1.3x faster with it
+# (bench/README.md). Later jaxlibs may drop this experimental flag, and XLA aborts on unknown flags.
+CPU_XLA_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
+CPU_XLA_FLAG_JAXLIB_VERSIONS = ((0, 10), (0, 12))  # [first, last) jaxlib versions that take CPU_XLA_FLAG.
 
-  XLA's CPU backend parallelises a small U-Net poorly within one device; one device per core, fed by
-  the data-parallel train step, trains ~1.5x faster on 2 cores. -1 picks the largest count <= the
-  number of cores that divides every batch size; XLA_FLAGS set by the user take precedence.
+
+def set_cpu_xla_flags() -> None:
+  """Adds CPU_XLA_FLAG to XLA_FLAGS for the jaxlib versions that know it, unless the user set that option."""
+  import jaxlib.version  # pylint: disable=g-import-not-at-top
+  first, last = CPU_XLA_FLAG_JAXLIB_VERSIONS
+  if not first <= tuple(int(part) for part in jaxlib.version.__version__.split('.')[:2]) < last:
+    return
+  flags = os.environ.get('XLA_FLAGS', '')
+  if CPU_XLA_FLAG.split('=')[0] not in flags:
+    os.environ['XLA_FLAGS'] = f'{flags} {CPU_XLA_FLAG}'.strip()
+
+
+def configure_cpu_devices(num_cpu_devices: int, batch_sizes: tuple[int, ...]) -> None:
+  """Sets the XLA:CPU flags and splits the host CPU into several JAX devices; call before jax starts.
+
+  The devices matter only when there is no GPU/TPU: several simulate data parallelism, or split a
+  many-core host. -1 picks the largest count <= the number of cores that divides every batch size;
+  XLA_FLAGS set by the user take precedence.
   """
+  set_cpu_xla_flags()
   if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
     return
   if num_cpu_devices == -1:

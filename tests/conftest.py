@@ -6,5 +6,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Many tests compile the same tiny model; subprocesses inherit the cache through the environment.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'diffusion_jax_test_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+# Tests run with the XLA:CPU flags that main.py sets (before JAX starts a backend).
+from diffusion_jax import distributed  # pylint: disable=wrong-import-position
+distributed.set_cpu_xla_flags()
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')

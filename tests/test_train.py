@@ -6,12 +6,13 @@ import subprocess
 import sys
 
 import jax
+import jaxlib.version
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import default
-from diffusion_jax import sample, train
+from diffusion_jax import distributed, sample, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -239,3 +240,30 @@ def test_compilation_cache_from_the_config_unless_the_environment_sets_one(tmp_p
   assert run(str(tmp_path / 'cache'), env).stdout.strip() == str(tmp_path / 'cache')
   env['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path / 'from_env')
   assert run(str(tmp_path / 'cache'), env).stdout.strip() == str(tmp_path / 'from_env')
+
+
+@pytest.mark.parametrize('user_flags, jaxlib_version, expected', [
+    ('', '0.10.2', distributed.CPU_XLA_FLAG),
+    ('--xla_force_host_platform_device_count=4', '0.11.0',
+     f'--xla_force_host_platform_device_count=4 {distributed.CPU_XLA_FLAG}'),
+    ('--xla_cpu_experimental_ynn_fusion_type=', '0.10.2', '--xla_cpu_experimental_ynn_fusion_type='),  # The user's.
+    ('', '0.12.0', ''),  # Versions not known to take the flag are left alone.
+    ('', '0.9.1', ''),
+])
+def test_cpu_xla_flags(monkeypatch, user_flags, jaxlib_version, expected):
+  monkeypatch.setenv('XLA_FLAGS', user_flags)
+  monkeypatch.setattr(jaxlib.version, '__version__', jaxlib_version)
+  distributed.set_cpu_xla_flags()
+  assert os.environ['XLA_FLAGS'] == expected
+
+
+def test_cpu_xla_flag_keeps_convolutions_off_ynnpack():
+  """With the project's flag XLA:CPU compiles a convolution without YNNPACK; the user's flag can bring it back."""
+  code = ('from diffusion_jax import distributed; distributed.configure_cpu_devices(1, (1,)); import jax; '
+          'conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", '
+          '"NHWC")); x, w = jax.numpy.ones((2, 16, 16, 64)), jax.numpy.ones((3, 3, 64, 64)); '
+          'print("ynn_fusion" in jax.jit(conv).lower(x, w).compile().as_text())')
+  run = lambda flags: subprocess.run([sys.executable, '-c', code], cwd=REPO, env=dict(os.environ, XLA_FLAGS=flags),
+                                     capture_output=True, text=True, timeout=120)
+  project, user = run(''), run('--xla_cpu_experimental_ynn_fusion_type=individual_convolution')
+  assert (project.stdout.strip(), user.stdout.strip()) == ('False', 'True'), project.stderr[-2000:] + user.stderr[-2000:]
