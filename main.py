@@ -36,12 +36,12 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')  # TensorFlow only feeds data; JAX owns the accelerators.
   from diffusion_jax import distributed, evaluate, sample, train  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
-  distributed.configure_cpu_devices(config.num_cpu_devices,
-                                    (config.training.batch_size, config.sampling.batch_size))
-  distributed.enable_compilation_cache(config.compilation_cache_dir)
-  distributed.initialize()
-  logging.info('Config:\n%s', FLAGS.config)
   try:
+    distributed.configure_cpu_devices(config.num_cpu_devices,
+                                      (config.training.batch_size, config.sampling.batch_size), config.cpu_scheduler)
+    distributed.enable_compilation_cache(config.compilation_cache_dir)
+    distributed.initialize()
+    logging.info('Config:\n%s', FLAGS.config)
     modes = {'train': train.train_and_evaluate, 'sample': sample.sample_from_workdir,
              'compare': sample.compare_from_workdir, 'interpolate': sample.interpolate_from_workdir,
              'eval': evaluate.evaluate,

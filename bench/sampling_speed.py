@@ -36,7 +36,8 @@ def cpu_name() -> str:
 def main(argv):
   del argv
   from diffusion_jax import distributed  # pylint: disable=g-import-not-at-top
-  distributed.configure_cpu_devices(-1, (FLAGS.batch,))
+  base = importlib.import_module('configs.default').get_config()  # CPU devices and scheduler are per process.
+  distributed.configure_cpu_devices(base.num_cpu_devices, (FLAGS.batch,), base.cpu_scheduler)
   import jax  # pylint: disable=g-import-not-at-top
   from diffusion_jax import sampling, train  # pylint: disable=g-import-not-at-top
   from diffusion_jax.models.unet import unet_from_config  # pylint: disable=g-import-not-at-top

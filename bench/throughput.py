@@ -72,7 +72,8 @@ def main(argv):
   del argv
   config = FLAGS.config
   from diffusion_jax import distributed  # pylint: disable=g-import-not-at-top
-  distributed.configure_cpu_devices(config.num_cpu_devices, (config.training.batch_size, config.sampling.batch_size))
+  distributed.configure_cpu_devices(config.num_cpu_devices, (config.training.batch_size, config.sampling.batch_size),
+                                    config.cpu_scheduler)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top

@@ -49,6 +49,8 @@ flags.DEFINE_string('torch_python', '/tmp/torchenv/bin/python', 'Python of the s
 flags.DEFINE_string('torch_device', 'auto', 'auto (cuda if available, else cpu), cpu or cuda.')
 flags.DEFINE_integer('num_cpu_devices', None, 'JAX CPU devices (default: the config\'s num_cpu_devices; -1: one '
                      'per core dividing the batch). Ignored on accelerators.')
+flags.DEFINE_enum('cpu_scheduler', None, ['default', 'memory_optimized', 'concurrency_optimized'],
+                  'XLA:CPU op scheduler of the JAX side (default: the config\'s cpu_scheduler).')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype: model.dtype on the JAX side, '
                   'torch.autocast on the PyTorch side; parameters stay float32 on both.')
 flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s for MFU (default: from the table PEAK_TFLOPS by device kind).')
@@ -138,8 +140,10 @@ class JaxBench:
     config.model.dtype = r['dtype']
     if r['num_cpu_devices'] is not None:
       config.num_cpu_devices = r['num_cpu_devices']
+    if r['cpu_scheduler'] is not None:
+      config.cpu_scheduler = r['cpu_scheduler']
     from diffusion_jax import distributed  # pylint: disable=g-import-not-at-top
-    distributed.configure_cpu_devices(config.num_cpu_devices, (batch,))
+    distributed.configure_cpu_devices(config.num_cpu_devices, (batch,), config.cpu_scheduler)
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
@@ -338,7 +342,8 @@ def measure(name: str, config, op: str, batch: int, log_dir: str) -> dict:
     workers.append(torch_side)
     start = time.perf_counter()
     built = jax_side.call('build', model=name, batch=batch, op_name=OP_NAMES[op], sample_steps=FLAGS.sample_steps,
-                          num_cpu_devices=FLAGS.num_cpu_devices, dtype=FLAGS.dtype, seed=FLAGS.seed)
+                          num_cpu_devices=FLAGS.num_cpu_devices, cpu_scheduler=FLAGS.cpu_scheduler, dtype=FLAGS.dtype,
+                          seed=FLAGS.seed)
     jax_build_seconds = time.perf_counter() - start
     timesteps = {k: built.get(k) for k in ('timesteps', 'prev_timesteps', 'eta', 'clip_x0')}
     start = time.perf_counter()

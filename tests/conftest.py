@@ -7,7 +7,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'diffusion_jax_test_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 # Tests run with the XLA:CPU flags that main.py sets (before JAX starts a backend).
+from configs import default  # pylint: disable=wrong-import-position
 from diffusion_jax import distributed  # pylint: disable=wrong-import-position
-distributed.set_cpu_xla_flags()
+distributed.set_cpu_xla_flags(default.get_config().cpu_scheduler)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')

@@ -19,9 +19,9 @@ from test_train import tiny_config  # pylint: disable=g-import-not-at-top,wrong-
 
 def main(workdir, out, num_steps='4', grad_accum_steps='1'):
   from diffusion_jax import distributed, train  # pylint: disable=g-import-not-at-top
-  distributed.set_cpu_xla_flags()  # As main.py does: the same XLA:CPU kernels, the same bits.
-  distributed.initialize()
   config = tiny_config()
+  distributed.set_cpu_xla_flags(config.cpu_scheduler)  # As main.py does: the same XLA:CPU kernels, the same bits.
+  distributed.initialize()
   config.training.num_train_steps = int(num_steps)
   config.training.grad_accum_steps = int(grad_accum_steps)
   config.sampling.batch_size = 8  # Divisible by up to 8 devices.
