@@ -216,7 +216,8 @@ def prepare_tfds(builder, name: str, random_access: bool, download: bool) -> Non
   if not download or not network_reachable():
     flag = f' --file_format={file_format}' if file_format else ''
     manual = builder.MANUAL_DOWNLOAD_INSTRUCTIONS
-    manual = f' It needs a manual download first, passed with --manual_dir: {" ".join(manual.split())}' if manual else ''
+    manual = (f' It needs a manual download first, passed with --manual_dir: {" ".join(manual.split())}'
+              if manual else '')
     raise DatasetError(
         f'Dataset {name!r} is not prepared in {builder.data_dir!r} and cannot be downloaded '
         f'({"data.download=False" if not download else "no network"}). On a connected machine run '

@@ -127,8 +127,9 @@ def compare_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str
   if n % restored.mesh.size:
     raise ValueError(f'sampling.compare_images={n} must be a multiple of the {restored.mesh.size} devices.')
   T = config.diffusion.num_timesteps
-  samplers = [sampling.Sampler('ddpm', T, variance=s.variance, parameterization=config.diffusion.parameterization)]
-  samplers += [sampling.Sampler('ddim', k, eta=0.0, spacing=s.spacing, parameterization=config.diffusion.parameterization)
+  parameterization = config.diffusion.parameterization
+  samplers = [sampling.Sampler('ddpm', T, variance=s.variance, parameterization=parameterization)]
+  samplers += [sampling.Sampler('ddim', k, eta=0.0, spacing=s.spacing, parameterization=parameterization)
                for k in s.compare_steps]
   shape = (n, config.data.image_size, config.data.image_size, config.data.channels)
   schedule = schedule_from_config(config.diffusion)

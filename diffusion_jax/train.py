@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax import diffusion, images, input_pipeline, sampling
 from diffusion_jax.models.unet import DTYPES, check_unet_config, unet_from_config
-from diffusion_jax.schedules import Schedule, schedule_from_config
+from diffusion_jax.schedules import BETA_SCHEDULES, Schedule, schedule_from_config
 
 # Config entries that fix the shapes and meaning of a checkpoint's parameters (dropout does not).
 ARCHITECTURE_KEYS = ('model.ch', 'model.ch_mult', 'model.num_res_blocks', 'model.attn_resolutions',
@@ -49,7 +49,7 @@ class NonFiniteLossError(RuntimeError):
 def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Checks the config before any data loading or compilation; raises a ValueError naming the problem."""
   input_pipeline.check_dataset_name(config.data.dataset)
-  for kind, value, allowed in (('noise schedule', config.diffusion.schedule, ('linear', 'cosine', 'quadratic', 'sigmoid')),
+  for kind, value, allowed in (('noise schedule', config.diffusion.schedule, tuple(BETA_SCHEDULES)),
                                ('parameterization', config.diffusion.parameterization, diffusion.PARAMETERIZATIONS),
                                ('loss type', config.diffusion.loss, diffusion.LOSS_TYPES)):
     diffusion.check_choice(kind, value, allowed)

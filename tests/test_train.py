@@ -313,4 +313,5 @@ def test_cpu_xla_flag_keeps_convolutions_off_ynnpack():
   run = lambda flags: subprocess.run([sys.executable, '-c', code], cwd=REPO, env=dict(os.environ, XLA_FLAGS=flags),
                                      capture_output=True, text=True, timeout=120)
   project, user = run(''), run('--xla_cpu_experimental_ynn_fusion_type=individual_convolution')
-  assert (project.stdout.strip(), user.stdout.strip()) == ('False', 'True'), project.stderr[-2000:] + user.stderr[-2000:]
+  assert (project.stdout.strip(), user.stdout.strip()) == ('False', 'True'), (project.stderr[-2000:] +
+                                                                               user.stderr[-2000:])
