@@ -36,6 +36,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_worker  # pylint: disable=g-import-not-at-top,wrong-import-position  # bench/torch_worker.py: the protocol.
+from diffusion_jax import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['cifar10', 'mnist'], 'Config names under configs/ (e.g. cifar10, mnist, default).')
@@ -49,7 +50,7 @@ flags.DEFINE_string('torch_python', '/tmp/torchenv/bin/python', 'Python of the s
 flags.DEFINE_string('torch_device', 'auto', 'auto (cuda if available, else cpu), cpu or cuda.')
 flags.DEFINE_integer('num_cpu_devices', None, 'JAX CPU devices (default: the config\'s num_cpu_devices; -1: one '
                      'per core dividing the batch). Ignored on accelerators.')
-flags.DEFINE_enum('cpu_scheduler', None, ['default', 'memory_optimized', 'concurrency_optimized'],
+flags.DEFINE_enum('cpu_scheduler', None, distributed.CPU_SCHEDULERS,
                   'XLA:CPU op scheduler of the JAX side (default: the config\'s cpu_scheduler).')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype: model.dtype on the JAX side, '
                   'torch.autocast on the PyTorch side; parameters stay float32 on both.')
@@ -142,7 +143,6 @@ class JaxBench:
       config.num_cpu_devices = r['num_cpu_devices']
     if r['cpu_scheduler'] is not None:
       config.cpu_scheduler = r['cpu_scheduler']
-    from diffusion_jax import distributed  # pylint: disable=g-import-not-at-top
     distributed.configure_cpu_devices(config.num_cpu_devices, (batch,), config.cpu_scheduler)
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
