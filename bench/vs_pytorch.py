@@ -156,15 +156,19 @@ class JaxBench:
     train.check_config(config, mesh.size)
     model, tx = unet_from_config(config.model), train.create_optimizer(config.optim)
     schedule = schedule_from_config(config.diffusion)
-    state = jax.jit(lambda k: train.create_train_state(config, model, tx, k),
-                    out_shardings=NamedSharding(mesh, P()))(jax.random.key(r['seed']))
-    params = sum(x.size for x in jax.tree.leaves(state.params))
+    op = r['op_name']
+    init = jax.jit(lambda k: train.create_train_state(config, model, tx, k), out_shardings=NamedSharding(mesh, P()))
+    if op == 'train':
+      state = init(jax.random.key(r['seed']))
+      model_params = state.params
+    else:  # The forward and the samplers hold only the params, as the PyTorch side then holds only the model.
+      model_params = jax.jit(lambda k: init(k).params)(jax.random.key(r['seed']))
+    params = sum(x.size for x in jax.tree.leaves(model_params))
     size, channels = config.data.image_size, config.data.channels
     rng = np.random.default_rng(r['seed'] + 1)
     images = rng.uniform(-1, 1, (batch, size, size, channels)).astype(np.float32)
     batch_sharding = NamedSharding(mesh, P('batch'))
     forward = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t, train=False))
-    op = r['op_name']
     reply = {}
     start = time.perf_counter()
     if op == 'train':
@@ -183,9 +187,9 @@ class JaxBench:
     elif op == 'forward':
       x = jax.device_put(images, batch_sharding)
       t = jax.device_put(rng.integers(0, schedule.num_timesteps, (batch,)).astype(np.int32), batch_sharding)
-      compiled = forward.lower(state.params, x, t).compile()
+      compiled = forward.lower(model_params, x, t).compile()
       flops = compiled.cost_analysis().get('flops', 0.0) * mesh.size  # Per device after SPMD partitioning.
-      self.fn = lambda: compiled(state.params, x, t)
+      self.fn = lambda: compiled(model_params, x, t)
     elif op in ('ddim', 'ddpm'):
       s = config.sampling
       if op == 'ddim':
@@ -194,13 +198,13 @@ class JaxBench:
         sampler = sampling.Sampler('ddpm', schedule.num_timesteps, variance='fixedlarge', clip_x0=s.clip_x0)
       shape = (batch, size, size, channels)
       sample_fn = train.make_sample_fn(model, schedule, sampler, shape, mesh)
-      args = (state.params, jax.random.key(2), np.int32(0))
+      args = (model_params, jax.random.key(2), np.int32(0))
       compiled = sample_fn.lower(*args).compile()
       timesteps, prev_timesteps = sampler.timesteps(schedule.num_timesteps)
       # XLA counts a scan body once: the cost of one forward (the lowered, global module) times the model calls.
       x = jax.ShapeDtypeStruct(shape, np.float32, sharding=batch_sharding)
       t = jax.ShapeDtypeStruct((batch,), np.int32, sharding=batch_sharding)
-      flops = forward.lower(state.params, x, t).cost_analysis().get('flops', 0.0) * len(timesteps)
+      flops = forward.lower(model_params, x, t).cost_analysis().get('flops', 0.0) * len(timesteps)
       self.fn = lambda: compiled(*args)
       reply.update(timesteps=timesteps.tolist(), prev_timesteps=prev_timesteps.tolist(), eta=sampler.eta,
                    clip_x0=sampler.clip_x0)
