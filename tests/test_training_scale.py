@@ -1,4 +1,6 @@
 """Training at scale: devices, hosts, bit-identical resume after SIGKILL, EMA, event files, bad input."""
+import ast
+import functools
 import os
 import re
 import signal
@@ -8,10 +10,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
+from configs import default
 from diffusion_jax import train
 from diffusion_jax.models.unet import unet_from_config
 from diffusion_jax.schedules import schedule_from_config
@@ -118,6 +122,30 @@ def scalars(workdir):
                   if pairs and np.ndim(pairs[0][1]) == 0 and np.issubdtype(pairs[0][1].dtype, np.number)}
 
 
+def override_flags(config, base) -> list[str]:
+  """The --config.KEY=VALUE flags that make main.py's base config into config."""
+  flags = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      flags += [flag.replace('--config.', f'--config.{key}.', 1) for flag in override_flags(value, base[key])]
+    elif value != base[key]:
+      flags.append(f'--config.{key}={value}')
+  return flags
+
+
+def test_override_flags_rebuild_the_config():
+  config = tiny_config()
+  flags = override_flags(config, default.get_config())
+  assert '--config.model.ch_mult=(1, 2)' in flags and '--config.diffusion.num_timesteps=20' in flags
+  rebuilt = default.get_config()
+  for flag in flags:
+    path, value = flag[len('--config.'):].split('=', 1)
+    *parents, key = path.split('.')
+    node = functools.reduce(getattr, parents, rebuilt)
+    setattr(node, key, ast.literal_eval(value))
+  assert rebuilt.to_dict() == config.to_dict()
+
+
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
   """Train 12 steps straight; separately, SIGKILL between checkpoints and resume to 12: identical results."""
   straight = tmp_path / 'straight'
@@ -125,12 +153,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
 
   killed = tmp_path / 'killed'
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  flags = ['--config.data.image_size=8', '--config.model.ch=8', '--config.model.ch_mult=(1,2)',
-           '--config.model.attn_resolutions=(4,)', '--config.model.num_groups=4', '--config.training.batch_size=8',
-           '--config.diffusion.num_timesteps=20', '--config.sampling.num_steps=4', '--config.sampling.num_samples=6',
-           '--config.sampling.batch_size=4', '--config.training.log_every_steps=1',
-           '--config.training.checkpoint_every_steps=4', '--config.training.sample_every_steps=100',
-           '--config.training.num_train_steps=100000', '--config.num_cpu_devices=1']
+  config = tiny_config()
+  config.training.checkpoint_every_steps, config.training.num_train_steps = 4, 100000
+  flags = override_flags(config, default.get_config())
   process = subprocess.Popen([sys.executable, 'main.py', '--config=configs/default.py', f'--workdir={killed}', *flags],
                              cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
   for line in process.stderr:
