@@ -32,15 +32,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(QuietLibraries())
-  from diffusion_jax import distributed  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')  # TensorFlow only feeds data; JAX owns the accelerators.
+  from diffusion_jax import distributed, evaluate, sample, train  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
   try:
-    # Before TensorFlow starts its threads: the host memory settings hold only for threads started later.
     distributed.configure_cpu_devices(config.num_cpu_devices,
                                       (config.training.batch_size, config.sampling.batch_size), config.cpu_scheduler)
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], 'GPU')  # TensorFlow only feeds data; JAX owns the accelerators.
-    from diffusion_jax import evaluate, sample, train  # pylint: disable=g-import-not-at-top
     distributed.enable_compilation_cache(config.compilation_cache_dir)
     distributed.initialize()
     logging.info('Config:\n%s', FLAGS.config)

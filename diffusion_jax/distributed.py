@@ -1,10 +1,6 @@
-"""Process start-up: CPU device layout and memory, the compilation cache, and jax.distributed.initialize."""
-import ctypes
-import importlib.metadata
-import importlib.util
+"""Process start-up: CPU device layout, the compilation cache, and jax.distributed.initialize for several processes."""
 import math
 import os
-import pkgutil
 
 from absl import logging
 import jax
@@ -67,57 +63,14 @@ def set_cpu_xla_flags(scheduler: str) -> None:
   os.environ['XLA_FLAGS'] = ' '.join([user_flags, *ours]).strip()
 
 
-def may_use_accelerator() -> bool:
-  """Whether JAX may pick a GPU or TPU: JAX_PLATFORMS names one first, or a GPU/TPU plugin is installed."""
-  first_platform = (jax.config.jax_platforms or '').split(',')[0].strip()
-  if first_platform:
-    return first_platform != 'cpu'
-  if importlib.util.find_spec('libtpu') or importlib.metadata.entry_points(group='jax_plugins'):
-    return True
-  try:
-    import jax_plugins  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return False
-  return any(pkgutil.iter_modules(jax_plugins.__path__))
-
-
-# glibc's mallopt parameters (malloc.h).
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-
-
-def retain_freed_memory() -> bool:
-  """Makes glibc keep freed memory for reuse instead of returning it to the kernel.
-
-  Call before JAX and TensorFlow start their threads: a thread that already has its own malloc arena keeps it.
-
-  XLA:CPU allocates every call's temporary buffer anew (0.97 GiB for a CIFAR-10 train step at batch 16,
-  8.4 at 128). glibc maps blocks that large straight from the kernel and unmaps them when freed, so each
-  step faulted all their pages in again: 260,000 page faults per step at batch 16, and a step 10% slower
-  on this project's VM when another process had used the memory in between (README "Benchmarks"). One
-  malloc arena for all threads (other threads' arenas map large blocks anyway), no mmap and no trimming
-  keep the memory in the process, where the next call reuses it. The user's own malloc settings
-  (GLIBC_TUNABLES glibc.malloc.*, MALLOC_*_ environment variables) win. Returns whether it changed them.
-  """
-  if 'glibc.malloc.' in os.environ.get('GLIBC_TUNABLES', '') or any(k.startswith('MALLOC_') for k in os.environ):
-    return False
-  try:
-    mallopt = ctypes.CDLL('libc.so.6').mallopt
-  except (OSError, AttributeError):
-    return False
-  return all([mallopt(M_ARENA_MAX, 1) == 1, mallopt(M_MMAP_MAX, 0) == 1, mallopt(M_TRIM_THRESHOLD, -1) == 1])
-
-
 def configure_cpu_devices(num_cpu_devices: int, batch_sizes: tuple[int, ...], scheduler: str) -> None:
-  """Sets the XLA:CPU flags and host memory and splits the CPU into JAX devices; call before JAX and TF start.
+  """Sets the XLA:CPU flags and splits the host CPU into several JAX devices; call before jax starts.
 
-  Where JAX may use a GPU or TPU, host memory is left as it is; otherwise retain_freed_memory().
   The devices matter only when there is no GPU/TPU: several simulate data parallelism, or split a
   many-core host. -1 picks the largest count <= the number of cores that divides every batch size;
   XLA_FLAGS set by the user take precedence. scheduler: XLA:CPU's op scheduler (CPU_SCHEDULERS).
   """
   set_cpu_xla_flags(scheduler)
-  if not may_use_accelerator():
-    retain_freed_memory()
   if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
     return
   if num_cpu_devices == -1:

@@ -93,14 +93,16 @@ def sample_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   sample_fn = train.sample_fn_from_config(config, restored.model, restored.mesh)
   logging.info('Sampling %d images at step %d with %s.', s.num_samples, step, run_name(config))
   rng = jax.random.key(s.seed)
-  samples = train.generate(sample_fn, params, rng, s.num_samples, s.batch_size, log_progress=True)
-  chain = None
-  if s.chain_images:  # The first batch again, recording the chain: its last frame is samples[:chain_images].
+  first_batch = chain = None
+  if s.chain_images:  # The first batch records its chain; its last frame is that batch of the samples.
     num_steps = len(sampling.sampler_from_config(config).timesteps(config.diffusion.num_timesteps)[0])
     chain_fn = train.sample_fn_from_config(config, restored.model, restored.mesh,
                                            record_every=max(1, num_steps // s.chain_frames))
-    chain = input_pipeline.to_uint8(multihost_utils.process_allgather(
-        chain_fn(params, jax.random.fold_in(rng, 0), 0), tiled=True))[:, :s.chain_images]
+    frames = input_pipeline.to_uint8(multihost_utils.process_allgather(
+        chain_fn(params, jax.random.fold_in(rng, 0), 0), tiled=True))
+    first_batch, chain = frames[-1], frames[:, :s.chain_images]
+  samples = train.generate(sample_fn, params, rng, s.num_samples, s.batch_size, log_progress=True,
+                           first_batch=first_batch)
 
   out_dir = os.path.join(workdir, 'samples', f'{run_name(config)}_step{step}')
   if jax.process_index() == 0:

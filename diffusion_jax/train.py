@@ -266,23 +266,25 @@ def sample_fn_from_config(config, model: nn.Module, mesh: Mesh, sampler: samplin
                         s.guidance_scale, s.class_label)
 
 
-def generate(sample_fn, params, rng: jax.Array, num_samples: int, batch_size: int,
-             log_progress: bool = False) -> np.ndarray:
+def generate(sample_fn, params, rng: jax.Array, num_samples: int, batch_size: int, log_progress: bool = False,
+             first_batch: np.ndarray | None = None) -> np.ndarray:
   """Runs sample_fn over ceil(num_samples / batch_size) batches; returns uint8 (num_samples, H, W, C).
 
-  Batch i uses fold_in(rng, i), so the first images do not depend on num_samples. With
+  Batch i uses fold_in(rng, i), so the first images do not depend on num_samples. first_batch: batch 0
+  already sampled (uint8, e.g. while recording its chain); sampling then starts at batch 1. With
   log_progress, logs images done, images/s and the estimated time left after every batch.
   """
-  batches = []
+  batches = [] if first_batch is None else [first_batch]
   num_batches = -(-num_samples // batch_size)
   start = time.perf_counter()
-  for i in range(num_batches):
+  for i in range(len(batches), num_batches):
     final = sample_fn(params, jax.random.fold_in(rng, i), i * batch_size)[-1]  # Split over all devices.
     batches.append(input_pipeline.to_uint8(multihost_utils.process_allgather(final, tiled=True)))
     if log_progress:
       done, elapsed = min((i + 1) * batch_size, num_samples), time.perf_counter() - start
-      logging.info('Sampled %d/%d images (%.2f images/s, %.0f s left).', done, num_samples, done / elapsed,
-                   elapsed / (i + 1) * (num_batches - i - 1))
+      sampled = done - (0 if first_batch is None else batch_size)
+      logging.info('Sampled %d/%d images (%.2f images/s, %.0f s left).', done, num_samples, sampled / elapsed,
+                   elapsed / sampled * (num_samples - done))
   return np.concatenate(batches)[:num_samples]
 
 
