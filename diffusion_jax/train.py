@@ -275,14 +275,14 @@ def generate(sample_fn, params, rng: jax.Array, num_samples: int, batch_size: in
   log_progress, logs images done, images/s and the estimated time left after every batch.
   """
   batches = [] if first_batch is None else [first_batch]
-  num_batches = -(-num_samples // batch_size)
+  num_batches, first = -(-num_samples // batch_size), len(batches)
   start = time.perf_counter()
-  for i in range(len(batches), num_batches):
+  for i in range(first, num_batches):
     final = sample_fn(params, jax.random.fold_in(rng, i), i * batch_size)[-1]  # Split over all devices.
     batches.append(input_pipeline.to_uint8(multihost_utils.process_allgather(final, tiled=True)))
     if log_progress:
       done, elapsed = min((i + 1) * batch_size, num_samples), time.perf_counter() - start
-      sampled = done - (0 if first_batch is None else batch_size)
+      sampled = done - first * batch_size  # By this call.
       logging.info('Sampled %d/%d images (%.2f images/s, %.0f s left).', done, num_samples, sampled / elapsed,
                    elapsed / sampled * (num_samples - done))
   return np.concatenate(batches)[:num_samples]
