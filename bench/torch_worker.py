@@ -22,6 +22,7 @@ forward is an inference call under no_grad; ddim / ddpm run the sampler's loop o
 This file imports only the standard library at the top, so that vs_pytorch.py can share its protocol
 helpers (`serve`, `memory`) with its own JAX worker.
 """
+import ctypes
 import json
 import os
 import re
@@ -59,11 +60,20 @@ def memory() -> dict:
   return {'rss_now': _status_bytes('VmRSS'), 'rss_peak': peak}
 
 
+def release_freed_memory() -> None:
+  """glibc's malloc_trim(0), as diffusion_jax.distributed.release_freed_memory (this file imports no project code)."""
+  try:
+    ctypes.CDLL(None).malloc_trim(0)
+  except (OSError, AttributeError):  # Not glibc.
+    pass
+
+
 def serve(handlers: dict, hello: dict) -> None:
   """Answers JSON-line requests on stdin with handlers[request['op']](request) until {"op": "quit"}.
 
   The protocol uses a private copy of stdout; anything else that prints to stdout (libraries, C code)
-  goes to stderr instead, so it cannot corrupt a reply.
+  goes to stderr instead, so it cannot corrupt a reply. After a build, the heap's freed pages go back
+  to the OS, on both sides, as a training run does after compiling its step.
   """
   replies = os.fdopen(os.dup(1), 'w', buffering=1)
   os.dup2(2, 1)
@@ -84,7 +94,10 @@ def serve(handlers: dict, hello: dict) -> None:
     try:
       if request['op'] not in handlers:
         raise ValueError(f'Unknown op {request["op"]!r}; known: {sorted(handlers)} and quit.')
-      reply(dict(handlers[request['op']](request), ok=True))
+      answer = handlers[request['op']](request)
+      if request['op'] == 'build':
+        release_freed_memory()
+      reply(dict(answer, ok=True))
     except Exception:  # pylint: disable=broad-except
       reply({'ok': False, 'error': traceback.format_exc()})
 

@@ -1,4 +1,6 @@
-"""Process start-up: CPU device layout, the compilation cache, and jax.distributed.initialize for several processes."""
+"""Process set-up: CPU device layout, the compilation cache, jax.distributed.initialize for several processes,
+and handing the compiler's freed memory back to the OS."""
+import ctypes
 import math
 import os
 
@@ -90,3 +92,17 @@ def enable_compilation_cache(cache_dir: str | None) -> None:
   if cache_dir and not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(cache_dir))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
+def release_freed_memory() -> None:
+  """Hands the C heap's free pages back to the OS (glibc's malloc_trim; elsewhere it does nothing).
+
+  Compiling a train step leaves 0.3-0.5 GiB freed inside glibc's heap (MNIST-scale and CIFAR-10
+  models), which glibc keeps in the process: XLA maps each call's temporary buffer anew, so none of
+  it is reused and the process stays that much larger. Call it after a compilation.
+  """
+  try:
+    malloc_trim = ctypes.CDLL(None).malloc_trim
+  except (OSError, AttributeError):  # Not glibc.
+    return
+  malloc_trim(0)

@@ -19,7 +19,7 @@ import os
 from typing import Iterator
 
 from absl import logging
-from clu import metric_writers
+from etils import epy
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,6 +29,9 @@ from diffusion_jax import digit_classifier, input_pipeline, likelihood, metrics,
 from diffusion_jax.diffusion import check_positive_int
 from diffusion_jax.models import inception
 from diffusion_jax.schedules import schedule_from_config
+
+with epy.lazy_imports():  # Loads TensorFlow (0.6 GiB): only when the results are written.
+  from clu import metric_writers
 
 FEATURES = ('auto', 'inception', 'digits')
 

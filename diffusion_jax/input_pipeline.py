@@ -20,7 +20,12 @@ dataset every epoch, and a seeded coin of the epoch decides whether a position i
 host h of n reads (and decodes) only its contiguous 1/n slice of each global batch. So resuming
 at step s, or running on more hosts or devices, sees exactly the same examples, whether the
 source is in memory or read by random access.
+
+TensorFlow (0.6 GiB of memory) is imported on first use, so that sampling and evaluation, which
+need only the datasets' names and image conversions, do without it.
 """
+from __future__ import annotations
+
 import atexit
 import dataclasses
 import functools
@@ -36,8 +41,11 @@ import weakref
 
 from absl import logging
 import numpy as np
+from etils import epy
 from PIL import Image, ImageOps
-import tensorflow as tf
+
+with epy.lazy_imports():
+  import tensorflow as tf
 
 from diffusion_jax.diffusion import check_positive_int
 
@@ -151,9 +159,12 @@ def check_dataset_name(name: str) -> None:
 def thread_pool() -> multiprocessing.pool.ThreadPool:
   """Threads that decode and resize images while loading (PIL releases the GIL while it works).
 
-  Daemon threads: Ctrl-C during a long load exits at once.
+  Daemon threads: Ctrl-C during a long load exits at once. Closed at exit, before the interpreter
+  tears down the modules that its finalizer needs.
   """
-  return multiprocessing.pool.ThreadPool(os.cpu_count() or 1)
+  pool = multiprocessing.pool.ThreadPool(os.cpu_count() or 1)
+  atexit.register(pool.close)
+  return pool
 
 
 def fit_image(image: Image.Image, size: int, channels: int,

@@ -12,7 +12,8 @@ import time
 from typing import Any, Callable
 
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import parameter_overview
+from etils import epy
 import flax.linen as nn
 import flax.struct
 import jax
@@ -24,9 +25,12 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffusion_jax import diffusion, images, input_pipeline, sampling
+from diffusion_jax import diffusion, distributed, images, input_pipeline, sampling
 from diffusion_jax.models.unet import DTYPES, check_unet_config, unet_from_config
 from diffusion_jax.schedules import BETA_SCHEDULES, Schedule, schedule_from_config
+
+with epy.lazy_imports():  # They load TensorFlow (0.6 GiB): only when a training run writes its first summary.
+  from clu import metric_writers, periodic_actions
 
 # Config entries that fix the shapes and meaning of a checkpoint's parameters (dropout does not).
 ARCHITECTURE_KEYS = ('model.ch', 'model.ch_mult', 'model.num_res_blocks', 'model.attn_resolutions',
@@ -280,6 +284,8 @@ def generate(sample_fn, params, rng: jax.Array, num_samples: int, batch_size: in
   for i in range(first, num_batches):
     final = sample_fn(params, jax.random.fold_in(rng, i), i * batch_size)[-1]  # Split over all devices.
     batches.append(input_pipeline.to_uint8(multihost_utils.process_allgather(final, tiled=True)))
+    if i == first:
+      distributed.release_freed_memory()  # What compiling sample_fn (on the first call) freed.
     if log_progress:
       done, elapsed = min((i + 1) * batch_size, num_samples), time.perf_counter() - start
       sampled = done - first * batch_size  # By this call.
@@ -440,6 +446,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     while step < num_steps:
       state, metrics = train_step(state, shard_batch(next(batches), mesh, config.training.grad_accum_steps), train_rng)
       step += 1
+      if step == start_step + 1:
+        distributed.release_freed_memory()  # What compiling the train step (on the first call) freed.
       report(step)
       is_last = step == num_steps
       stopping = stop.requested(step)

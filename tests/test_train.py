@@ -1,6 +1,7 @@
 """End to end: train_and_evaluate on a tiny config, resume, sample mode, config overrides and bad input."""
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -319,3 +320,35 @@ def test_cpu_xla_flag_keeps_convolutions_off_ynnpack():
   project, user = run(''), run('--xla_cpu_experimental_ynn_fusion_type=individual_convolution')
   assert (project.stdout.strip(), user.stdout.strip()) == ('False', 'True'), (project.stderr[-2000:] +
                                                                                user.stderr[-2000:])
+
+
+def test_tensorflow_is_imported_only_where_used():
+  """Importing main.py's modules does not load TensorFlow (0.6 GiB); the tf.data input pipeline still does."""
+  code = ('import sys; import main; from diffusion_jax import evaluate, sample, train; print("tensorflow" in '
+          'sys.modules); from diffusion_jax import input_pipeline; from configs import default; '
+          'next(input_pipeline.create_iterator(input_pipeline.load_dataset(default.get_config().data), 4, 0)); '
+          'print("tensorflow" in sys.modules)')
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.stdout.split() == ['False', 'True'], result.stderr[-3000:]
+
+
+RELEASE_FREED_MEMORY = """
+import re
+from diffusion_jax import distributed
+rss = lambda: int(re.search(r'VmRSS:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024
+blocks = [bytearray(100_000) for _ in range(3000)]  # 300 MB in glibc's heap (blocks below its mmap threshold).
+top = bytearray(100_000)  # Allocated last, on top of the heap: glibc then keeps the freed blocks below it.
+del blocks
+print(rss(), flush=True)
+distributed.release_freed_memory()
+print(rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc',
+                    reason='glibc on Linux only')
+def test_release_freed_memory_returns_the_heap_to_the_os():
+  result = subprocess.run([sys.executable, '-c', RELEASE_FREED_MEMORY], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+  before, after = (int(line) for line in result.stdout.split())
+  assert before - after > 250e6, (before, after, result.stderr[-2000:])
