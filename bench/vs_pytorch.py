@@ -52,6 +52,8 @@ flags.DEFINE_integer('num_cpu_devices', None, 'JAX CPU devices (default: the con
                      'per core dividing the batch). Ignored on accelerators.')
 flags.DEFINE_enum('cpu_scheduler', None, distributed.CPU_SCHEDULERS,
                   'XLA:CPU op scheduler of the JAX side (default: the config\'s cpu_scheduler).')
+flags.DEFINE_integer('grad_accum_steps', 1, 'training.grad_accum_steps of the JAX train step: the same update from '
+                     'this many micro-batches (the PyTorch side always does one full-batch step).')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype: model.dtype on the JAX side, '
                   'torch.autocast on the PyTorch side; parameters stay float32 on both.')
 flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s for MFU (default: from the table PEAK_TFLOPS by device kind).')
@@ -137,7 +139,7 @@ class JaxBench:
     config = load_config(r['model'])
     batch = r['batch']
     config.training.batch_size = config.sampling.batch_size = batch
-    config.training.grad_accum_steps = 1  # The PyTorch side does one full-batch step.
+    config.training.grad_accum_steps = 1  # The train op sets --grad_accum_steps below.
     config.model.dtype = r['dtype']
     if r['num_cpu_devices'] is not None:
       config.num_cpu_devices = r['num_cpu_devices']
@@ -172,15 +174,25 @@ class JaxBench:
     reply = {}
     start = time.perf_counter()
     if op == 'train':
-      data = train.shard_batch({'image': images, 'label': np.zeros((batch,), np.int32)}, mesh)
-      compiled = train.make_train_step(config, model, tx, schedule, mesh).lower(state, data,
-                                                                               jax.random.key(1)).compile()
-      # Per-device cost of the shard_map'ed step, times the devices (as bench/throughput.py).
-      flops = compiled.cost_analysis().get('flops', 0.0) * mesh.size
+      host_batch = {'image': images, 'label': np.zeros((batch,), np.int32)}
+      data = train.shard_batch(host_batch, mesh)
+      lowered = train.make_train_step(config, model, tx, schedule, mesh).lower(state, data, jax.random.key(1))
+      accum_steps = r['grad_accum_steps']
+      if accum_steps == 1:
+        train_step = lowered.compile()
+        # Per-device cost of the shard_map'ed step, times the devices (as bench/throughput.py).
+        flops = train_step.cost_analysis().get('flops', 0.0) * mesh.size
+      else:  # The same update from micro-batches: jitted micro-steps, compiled by a first call.
+        flops = lowered.cost_analysis().get('flops', 0.0) * mesh.size  # The full batch's, before XLA's passes.
+        config.training.grad_accum_steps = accum_steps
+        train.check_config(config, mesh.size)
+        train_step = train.make_train_step(config, model, tx, schedule, mesh)
+        data = train.shard_batch(host_batch, mesh, accum_steps)
+        state, _ = jax.block_until_ready(train_step(state, data, jax.random.key(1)))
       holder = [state]
 
       def step():
-        holder[0], metrics = compiled(holder[0], data, jax.random.key(1))
+        holder[0], metrics = train_step(holder[0], data, jax.random.key(1))
         return holder[0], metrics
 
       self.fn = step
@@ -347,6 +359,7 @@ def measure(name: str, config, op: str, batch: int, log_dir: str) -> dict:
     start = time.perf_counter()
     built = jax_side.call('build', model=name, batch=batch, op_name=OP_NAMES[op], sample_steps=FLAGS.sample_steps,
                           num_cpu_devices=FLAGS.num_cpu_devices, cpu_scheduler=FLAGS.cpu_scheduler, dtype=FLAGS.dtype,
+                          grad_accum_steps=FLAGS.grad_accum_steps if op == 'train' else 1,
                           seed=FLAGS.seed)
     jax_build_seconds = time.perf_counter() - start
     timesteps = {k: built.get(k) for k in ('timesteps', 'prev_timesteps', 'eta', 'clip_x0')}
@@ -458,7 +471,9 @@ def report(results: list[dict], command: str, started: str, machine: str) -> str
            f'- JAX {first["jax_version"]}: {first["platform"]} ({first["device_kind"]}), devices per configuration: '
            f'{", ".join(sorted({str(r["num_devices"]) for r in results}))}; PyTorch {first["torch_hello"]["torch"]} '
            f'on {first["torch_device"]}, torch.set_num_threads({FLAGS.threads}); diffusers '
-           f'{first["torch_hello"]["diffusers"]}; compute dtype {FLAGS.dtype}',
+           f'{first["torch_hello"]["diffusers"]}; compute dtype {FLAGS.dtype}'
+           + (f'; JAX train steps from {FLAGS.grad_accum_steps} micro-batches (grad_accum_steps)'
+              if FLAGS.grad_accum_steps > 1 else ''),
            f'- {FLAGS.warmup} warm-up and {FLAGS.repeats} timed calls per side, alternating JAX then PyTorch; '
            'medians; fresh worker processes per row']
   for name in dict.fromkeys(r['model'] for r in results):
