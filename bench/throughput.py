@@ -5,7 +5,8 @@
   python bench/throughput.py --config=configs/cifar10.py --config.training.batch_size=16 --steps=2 \
       --sample_steps=0 --profile_dir=/tmp/profile    # where the train step's time goes
 
-Prints the median over --steps timed calls after one warm-up call (compilation excluded). With
+Prints the median over --steps timed calls after one warm-up call (compilation excluded), the whole
+batch as one compiled program (whatever training.grad_accum_steps says). With
 --profile_dir it also traces one train step (open the trace with TensorBoard's profile plugin or
 Perfetto) and prints the time per JAX primitive, forward and backward apart, and the slowest ops.
 """
@@ -71,6 +72,7 @@ def print_profile(compiled_text: str, trace_dir: str, top: int, step_seconds: fl
 def main(argv):
   del argv
   config = FLAGS.config
+  config.training.grad_accum_steps = 1  # The whole batch as one compiled program: its FLOPs and its profile.
   from diffusion_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.configure_cpu_devices(config.num_cpu_devices, (config.training.batch_size, config.sampling.batch_size),
                                     config.cpu_scheduler)

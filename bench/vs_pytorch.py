@@ -52,8 +52,9 @@ flags.DEFINE_integer('num_cpu_devices', None, 'JAX CPU devices (default: the con
                      'per core dividing the batch). Ignored on accelerators.')
 flags.DEFINE_enum('cpu_scheduler', None, distributed.CPU_SCHEDULERS,
                   'XLA:CPU op scheduler of the JAX side (default: the config\'s cpu_scheduler).')
-flags.DEFINE_integer('grad_accum_steps', 1, 'training.grad_accum_steps of the JAX train step: the same update from '
-                     'this many micro-batches (the PyTorch side always does one full-batch step).')
+flags.DEFINE_integer('grad_accum_steps', 0, 'training.grad_accum_steps of the JAX train step: the same update from '
+                     'this many micro-batches; 0: the project\'s automatic choice (on a CPU, micro-batches of 16 for '
+                     'batches of 48 or more), 1: the whole batch. The PyTorch side always does one full-batch step.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype: model.dtype on the JAX side, '
                   'torch.autocast on the PyTorch side; parameters stay float32 on both.')
 flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s for MFU (default: from the table PEAK_TFLOPS by device kind).')
@@ -139,7 +140,7 @@ class JaxBench:
     config = load_config(r['model'])
     batch = r['batch']
     config.training.batch_size = config.sampling.batch_size = batch
-    config.training.grad_accum_steps = 1  # The train op sets --grad_accum_steps below.
+    config.training.grad_accum_steps = r['grad_accum_steps']
     config.model.dtype = r['dtype']
     if r['num_cpu_devices'] is not None:
       config.num_cpu_devices = r['num_cpu_devices']
@@ -175,20 +176,22 @@ class JaxBench:
     start = time.perf_counter()
     if op == 'train':
       host_batch = {'image': images, 'label': np.zeros((batch,), np.int32)}
-      data = train.shard_batch(host_batch, mesh)
-      lowered = train.make_train_step(config, model, tx, schedule, mesh).lower(state, data, jax.random.key(1))
-      accum_steps = r['grad_accum_steps']
+      accum_steps = train.grad_accum_steps(config.training, mesh)
+      whole_batch = config.copy_and_resolve_references()
+      whole_batch.training.grad_accum_steps = 1
+      lowered = train.make_train_step(whole_batch, model, tx, schedule, mesh).lower(
+          state, train.shard_batch(host_batch, mesh), jax.random.key(1))
       if accum_steps == 1:
         train_step = lowered.compile()
         # Per-device cost of the shard_map'ed step, times the devices (as bench/throughput.py).
         flops = train_step.cost_analysis().get('flops', 0.0) * mesh.size
       else:  # The same update from micro-batches: jitted micro-steps, compiled by a first call.
-        flops = lowered.cost_analysis().get('flops', 0.0) * mesh.size  # The full batch's, before XLA's passes.
-        config.training.grad_accum_steps = accum_steps
-        train.check_config(config, mesh.size)
+        flops = lowered.cost_analysis().get('flops', 0.0) * mesh.size  # The whole batch's, before XLA's passes.
         train_step = train.make_train_step(config, model, tx, schedule, mesh)
-        data = train.shard_batch(host_batch, mesh, accum_steps)
-        state, _ = jax.block_until_ready(train_step(state, data, jax.random.key(1)))
+        state, _ = jax.block_until_ready(train_step(state, train.shard_batch(host_batch, mesh, accum_steps),
+                                                    jax.random.key(1)))
+      data = train.shard_batch(host_batch, mesh, accum_steps)
+      reply['grad_accum_steps'] = accum_steps
       holder = [state]
 
       def step():
@@ -377,6 +380,8 @@ def measure(name: str, config, op: str, batch: int, log_dir: str) -> dict:
     if name in KNOWN_PARAMS and built['params'] != KNOWN_PARAMS[name]:
       raise WorkerError(f'{name}: {built["params"]:,} parameters, expected {KNOWN_PARAMS[name]:,}.')
     label = {'sample': f'DDIM-{FLAGS.sample_steps}', 'ddpm': f'DDPM-{len(built["alphas_cumprod"])}'}.get(op, op)
+    if built.get('grad_accum_steps', 1) > 1:
+      label += f' ({built["grad_accum_steps"]} micro-batches)'
     progress(f'{name} {label} batch {batch}: {built["params"]:,} parameters in both; JAX on {built["num_devices"]} '
              f'{built["platform"]} device(s), compiled in {built["compile_seconds"]:.1f} s; PyTorch on '
              f'{torch_built["device"]}, built in {torch_build_seconds:.1f} s')
@@ -471,9 +476,7 @@ def report(results: list[dict], command: str, started: str, machine: str) -> str
            f'- JAX {first["jax_version"]}: {first["platform"]} ({first["device_kind"]}), devices per configuration: '
            f'{", ".join(sorted({str(r["num_devices"]) for r in results}))}; PyTorch {first["torch_hello"]["torch"]} '
            f'on {first["torch_device"]}, torch.set_num_threads({FLAGS.threads}); diffusers '
-           f'{first["torch_hello"]["diffusers"]}; compute dtype {FLAGS.dtype}'
-           + (f'; JAX train steps from {FLAGS.grad_accum_steps} micro-batches (grad_accum_steps)'
-              if FLAGS.grad_accum_steps > 1 else ''),
+           f'{first["torch_hello"]["diffusers"]}; compute dtype {FLAGS.dtype}',
            f'- {FLAGS.warmup} warm-up and {FLAGS.repeats} timed calls per side, alternating JAX then PyTorch; '
            'medians; fresh worker processes per row']
   for name in dict.fromkeys(r['model'] for r in results):
@@ -528,6 +531,9 @@ def report(results: list[dict], command: str, started: str, machine: str) -> str
   lines += ['- Same work on both sides: train = uniform t, N(0, I) noise, q_sample, eps MSE, backward, global-norm '
             'clipping, Adam, EMA of the params (plus our loss / norm metrics); forward = inference (no dropout); '
             'sampling = the sampler loop of model calls and updates with clipped x_0.',
+            *(['- train (k micro-batches): the JAX step sums the gradients of k micro-batches into one update '
+               '(training.grad_accum_steps; the same update as the whole batch); the PyTorch step is one whole batch.']
+              if any('micro-batches' in r['op'] for r in results) else []),
             '- Other CPU load: CPU time used by processes other than this benchmark\'s while timing a row, as a '
             'share of all cores (from /proc/stat).',
             '- Images whose size is not a multiple of 2^(levels-1) (MNIST 28x28 with 4 levels) are zero-padded to '
