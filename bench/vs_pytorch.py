@@ -54,7 +54,8 @@ flags.DEFINE_enum('cpu_scheduler', None, distributed.CPU_SCHEDULERS,
                   'XLA:CPU op scheduler of the JAX side (default: the config\'s cpu_scheduler).')
 flags.DEFINE_integer('grad_accum_steps', 0, 'training.grad_accum_steps of the JAX train step: the same update from '
                      'this many micro-batches; 0: the project\'s automatic choice (on a CPU, micro-batches of 16 for '
-                     'batches of 48 or more), 1: the whole batch. The PyTorch side always does one full-batch step.')
+                     'per-device batches that are multiples of 16 above 32), 1: the whole batch. The PyTorch '
+                     'side always does one whole-batch step.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype: model.dtype on the JAX side, '
                   'torch.autocast on the PyTorch side; parameters stay float32 on both.')
 flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s for MFU (default: from the table PEAK_TFLOPS by device kind).')
