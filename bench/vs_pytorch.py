@@ -182,6 +182,7 @@ class JaxBench:
       whole_batch.training.grad_accum_steps = 1
       lowered = train.make_train_step(whole_batch, model, tx, schedule, mesh).lower(
           state, train.shard_batch(host_batch, mesh), jax.random.key(1))
+      data = train.shard_batch(host_batch, mesh, accum_steps)
       if accum_steps == 1:
         train_step = lowered.compile()
         # Per-device cost of the shard_map'ed step, times the devices (as bench/throughput.py).
@@ -189,9 +190,7 @@ class JaxBench:
       else:  # The same update from micro-batches: jitted micro-steps, compiled by a first call.
         flops = lowered.cost_analysis().get('flops', 0.0) * mesh.size  # The whole batch's, before XLA's passes.
         train_step = train.make_train_step(config, model, tx, schedule, mesh)
-        state, _ = jax.block_until_ready(train_step(state, train.shard_batch(host_batch, mesh, accum_steps),
-                                                    jax.random.key(1)))
-      data = train.shard_batch(host_batch, mesh, accum_steps)
+        state, _ = jax.block_until_ready(train_step(state, data, jax.random.key(1)))
       reply['grad_accum_steps'] = accum_steps
       holder = [state]
 

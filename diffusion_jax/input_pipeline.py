@@ -21,8 +21,9 @@ host h of n reads (and decodes) only its contiguous 1/n slice of each global bat
 at step s, or running on more hosts or devices, sees exactly the same examples, whether the
 source is in memory or read by random access.
 
-TensorFlow (0.6 GiB of memory) is imported on first use, so that sampling and evaluation, which
-need only the datasets' names and image conversions, do without it.
+TensorFlow (0.6 GiB of memory) is imported on first use, so that code that needs only the datasets'
+names and image conversions (sampling from Python, the benchmarks) does without it. main.py imports
+it at start all the same, to hide the GPUs from it.
 """
 from __future__ import annotations
 
