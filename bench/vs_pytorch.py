@@ -172,7 +172,8 @@ class JaxBench:
     rng = np.random.default_rng(r['seed'] + 1)
     images = rng.uniform(-1, 1, (batch, size, size, channels)).astype(np.float32)
     batch_sharding = NamedSharding(mesh, P('batch'))
-    forward = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t, train=False))
+    forward = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t, train=False),
+                      compiler_options=distributed.forward_compiler_options())  # As the samplers.
     reply = {}
     start = time.perf_counter()
     if op == 'train':

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion_jax import digit_classifier, input_pipeline, likelihood, metrics, sample, train
+from diffusion_jax import digit_classifier, distributed, input_pipeline, likelihood, metrics, sample, train
 from diffusion_jax.diffusion import check_positive_int
 from diffusion_jax.models import inception
 from diffusion_jax.schedules import schedule_from_config
@@ -69,7 +69,8 @@ def load_inception(config):
 def inception_features(variables, batches: Iterator[np.ndarray], batch_size: int,
                        total: int) -> tuple[metrics.StatisticsAccumulator, np.ndarray]:
   """Pool3 statistics and the logits (N, 1008) of uint8 image batches; batches are padded to batch_size."""
-  apply = jax.jit(lambda v, x: inception.InceptionV3().apply(v, x))
+  apply = jax.jit(lambda v, x: inception.InceptionV3().apply(v, x),
+                  compiler_options=distributed.forward_compiler_options())
   accumulator, logits, done = metrics.StatisticsAccumulator(), [], 0
   for images in batches:
     n = len(images)

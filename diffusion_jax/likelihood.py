@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import distributed
 from diffusion_jax.diffusion import check_choice, gather, q_posterior, q_sample
 from diffusion_jax.sampling import VARIANCES, check_concrete_range, predict_x0_eps
 from diffusion_jax.schedules import Schedule
@@ -149,7 +150,7 @@ def dataset_bits_per_dim(model_fn: ModelFn, schedule: Schedule, images: np.ndarr
     raise ValueError(f'batch_size must be a positive integer, got {batch_size!r}.')
   batch_size = min(batch_size, len(images))
   total_fn = jax.jit(lambda x0, key: bits_per_dim(model_fn, schedule, x0, key, variance, parameterization,
-                                                  clip_x0)[0])
+                                                  clip_x0)[0], compiler_options=distributed.forward_compiler_options())
   total, done = 0.0, 0
   for i, start in enumerate(range(0, len(images), batch_size)):
     batch = images[start:start + batch_size]

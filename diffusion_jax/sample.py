@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from diffusion_jax import images, input_pipeline, sampling, train
+from diffusion_jax import distributed, images, input_pipeline, sampling, train
 from diffusion_jax.diffusion import check_positive_int
 from diffusion_jax.models.unet import unet_from_config
 from diffusion_jax.schedules import schedule_from_config
@@ -192,11 +192,11 @@ def interpolate_from_workdir(config: ml_collections.ConfigDict, workdir: str) ->
     return sampling.Sampler('ddim', num_steps, eta=0.0, spacing=s.spacing, clip_x0=False,
                             parameterization=config.diffusion.parameterization)
 
-  @functools.partial(jax.jit, static_argnums=0)
+  @functools.partial(jax.jit, static_argnums=0, compiler_options=distributed.forward_compiler_options())
   def encode(sampler, x):
     return sampling.ddim_invert(model_fn, schedule, sampler, x)
 
-  @functools.partial(jax.jit, static_argnums=0)
+  @functools.partial(jax.jit, static_argnums=0, compiler_options=distributed.forward_compiler_options())
   def decode(sampler, x_T):
     return sampling.sample(model_fn, schedule, sampler, jax.random.key(s.seed), x_T.shape, x_T=x_T)[-1]
 

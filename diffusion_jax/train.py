@@ -266,7 +266,7 @@ def make_sample_fn(model: nn.Module, schedule: Schedule, sampler: sampling.Sampl
   """
   batch_sharding = NamedSharding(mesh, P('batch'))
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=distributed.forward_compiler_options())
   def sample_fn(params, rng, first_index):
     def model_fn(x, t, labels=None):
       x = jax.lax.with_sharding_constraint(x, batch_sharding)

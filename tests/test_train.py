@@ -2,11 +2,13 @@
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
 
 import jax
+from jax.extend import random as jax_random
 import jaxlib.version
 import numpy as np
 import pytest
@@ -14,6 +16,8 @@ from PIL import Image
 
 from configs import default
 from diffusion_jax import distributed, sample, train
+from diffusion_jax.models.unet import unet_from_config
+from diffusion_jax.schedules import schedule_from_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -320,6 +324,73 @@ def test_cpu_xla_flag_keeps_convolutions_off_ynnpack():
   project, user = run(''), run('--xla_cpu_experimental_ynn_fusion_type=individual_convolution')
   assert (project.stdout.strip(), user.stdout.strip()) == ('False', 'True'), (project.stderr[-2000:] +
                                                                                user.stderr[-2000:])
+
+
+@pytest.mark.parametrize('user_flags, jaxlib_version, expected', [
+    (distributed.CPU_XLA_FLAG, '0.10.2', {'xla_cpu_experimental_ynn_fusion_type': ''}),
+    ('--xla_force_host_platform_device_count=2', '0.11.0', {'xla_cpu_experimental_ynn_fusion_type': ''}),
+    ('--xla_cpu_experimental_ynn_fusion_type=individual_convolution', '0.10.2', {}),  # The user's choice.
+    ('', '0.12.0', {}),  # Versions not known to take the option.
+])
+def test_forward_compiler_options(monkeypatch, user_flags, jaxlib_version, expected):
+  monkeypatch.setenv('XLA_FLAGS', user_flags)
+  monkeypatch.setattr(jaxlib.version, '__version__', jaxlib_version)
+  assert distributed.forward_compiler_options() == expected
+
+
+def test_samplers_compile_without_ynnpack_and_the_train_step_with_it():
+  """On the CPU the sampler's program has no YNNPACK fusion; the train step keeps YNNPACK's reductions."""
+  config = tiny_config()
+  mesh = train.create_mesh()
+  model, tx = unet_from_config(config.model), train.create_optimizer(config.optim)
+  state = jax.eval_shape(lambda key: train.create_train_state(config, model, tx, key), jax.random.key(0))
+  size = config.data.image_size
+  batch = train.shard_batch({'image': np.zeros((8, size, size, 1), np.float32), 'label': np.zeros((8,), np.int32)},
+                            mesh)
+  step = train.make_train_step(config, model, tx, schedule_from_config(config.diffusion), mesh)
+  step_text = step.lower(state, batch, jax.random.key(1)).compile().as_text()
+  sample_fn = train.sample_fn_from_config(config, model, mesh)
+  sample_text = sample_fn.lower(state.params, jax.random.key(1), 0).compile().as_text()
+  ynn_computations = set(re.findall(r'calls=(%[\w.\-]+)[^\n]*"kind":"__ynn_fusion"', step_text))
+  reductions = {block.split()[0] for block in step_text.split('\n\n')
+                if re.search(r'ROOT %\S+ = \S+ reduce\(', block)}
+  assert ynn_computations & reductions  # YNNPACK runs reductions of the train step.
+  assert '__ynn_fusion' not in sample_text
+
+
+THREEFRY_BITS = """
+import sys
+import jax, numpy as np
+from diffusion_jax import distributed
+if sys.argv[1] == 'unrolled':
+  distributed.unroll_threefry_on_cpu()
+key = jax.random.key(7)
+bits = jax.jit(lambda key: jax.random.bits(key, (1000,)))(key)
+normal = jax.jit(lambda key: jax.random.normal(jax.random.fold_in(jax.random.split(key)[1], 3), (1000,)))(key)
+print(jax.jit(lambda key: jax.random.bits(key, (8,))).lower(key).as_text().count('stablehlo.while'), end=' ')
+print(int(np.bitwise_xor.reduce(np.asarray(bits))), np.asarray(normal).tobytes().hex())
+"""
+
+
+def test_threefry_unrolled_on_cpu_gives_jax_bits():
+  """The unrolled Threefry lowering meets the published Threefry-2x32-20 test vectors and JAX's own bits."""
+  distributed.unroll_threefry_on_cpu()
+  known_answers = [  # (key, counter, output), Random123's kat_vectors for threefry2x32_20.
+      ((0, 0), (0, 0), (0x6b200159, 0x99ba4efe)),
+      ((0xffffffff, 0xffffffff), (0xffffffff, 0xffffffff), (0x1cb996fc, 0xbb002be7)),
+      ((0x13198a2e, 0x03707344), (0x243f6a88, 0x85a308d3), (0xc4923a9c, 0x483df7a0)),
+  ]
+  hash_fn = jax.jit(lambda key, count: jax_random.threefry_2x32(key, count))
+  for key, counter, output in known_answers:
+    np.testing.assert_array_equal(hash_fn(np.uint32(key), np.uint32(counter)), np.uint32(output))
+  run = lambda lowering: subprocess.run([sys.executable, '-c', THREEFRY_BITS, lowering], cwd=REPO,
+                                        capture_output=True, text=True, timeout=120)
+  rolled, unrolled = run('rolled'), run('unrolled')
+  assert rolled.returncode == unrolled.returncode == 0, rolled.stderr[-2000:] + unrolled.stderr[-2000:]
+  loops_rolled, *rolled_bits = rolled.stdout.split()
+  loops_unrolled, *unrolled_bits = unrolled.stdout.split()
+  assert (int(loops_rolled), int(loops_unrolled)) == (1, 0)  # JAX's lowering is a loop; ours is not.
+  assert unrolled_bits == rolled_bits
 
 
 def test_tensorflow_is_imported_only_where_used():
