@@ -113,7 +113,7 @@ def unroll_threefry_on_cpu() -> None:
   """Lowers JAX's Threefry random bits on the CPU as straight-line code instead of a loop of 5 blocks.
 
   The same bits (a test checks the published test vectors); XLA:CPU then fuses all 20 rounds into one
-  pass: 4.5x faster random bits, and dropout's share of a CIFAR-10 train step drops from ~4% to ~1%.
+  pass: 4-6x faster random bits, and dropout's share of a CIFAR-10 train step drops from ~4% to ~1%.
   JAX keeps the loop on CPUs to shorten compiles, which here come out shorter unrolled.
   """
   mlir.register_lowering(jax_random.threefry2x32_p,
