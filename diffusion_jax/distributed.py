@@ -38,27 +38,32 @@ def initialize() -> None:
 # XLA:CPU hands convolutions to YNNPACK by default (jaxlib 0.10-0.11), whose kernel gradient runs at a third
 # of the forward's speed; Eigen's runs at full speed, and the CIFAR-10 train step is 1.3x faster with it
 # (bench/README.md). Later jaxlibs may drop this experimental flag, and XLA aborts on unknown flags.
-CPU_XLA_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
+YNN_FUSION_OPTION = 'xla_cpu_experimental_ynn_fusion_type'  # Which ops XLA:CPU hands to YNNPACK.
+CPU_XLA_FLAG = f'--{YNN_FUSION_OPTION}=-individual_convolution'
 CPU_XLA_FLAG_JAXLIB_VERSIONS = ((0, 10), (0, 12))  # [first, last) jaxlib versions that take CPU_XLA_FLAG.
+
+
+def _jaxlib_takes_cpu_xla_flag() -> bool:
+  import jaxlib.version  # pylint: disable=g-import-not-at-top
+  first, last = CPU_XLA_FLAG_JAXLIB_VERSIONS
+  return first <= tuple(int(part) for part in jaxlib.version.__version__.split('.')[:2]) < last
+
+
+def _xla_options(skip: tuple[str, ...] = ()) -> set[str]:
+  """The options (names without dashes) that XLA_FLAGS sets, ignoring the flags in skip."""
+  return {flag.split('=')[0].lstrip('-') for flag in os.environ.get('XLA_FLAGS', '').split() if flag not in skip}
 
 
 # A program without a backward pass (a sampler, a forward) runs faster on the CPU with no YNNPACK fusions at
 # all: XLA:CPU's own dots and reductions make the U-Net's forward 6-18% faster. A train step keeps them:
 # without YNNPACK's reductions, the gradients of the biases and norms make it 40% slower.
-FORWARD_YNN_OPTION = 'xla_cpu_experimental_ynn_fusion_type'
-
-
 def forward_compiler_options() -> dict[str, str]:
   """jax.jit compiler_options for programs without gradients: on CPU (with the jaxlibs that take CPU_XLA_FLAG)
   no YNNPACK fusions; {} on GPUs and TPUs, or when the user's XLA_FLAGS set the option themselves."""
-  import jaxlib.version  # pylint: disable=g-import-not-at-top
-  first, last = CPU_XLA_FLAG_JAXLIB_VERSIONS
-  if not first <= tuple(int(part) for part in jaxlib.version.__version__.split('.')[:2]) < last:
+  if (not _jaxlib_takes_cpu_xla_flag() or jax.default_backend() != 'cpu'
+      or YNN_FUSION_OPTION in _xla_options(skip=(CPU_XLA_FLAG,))):
     return {}
-  user_flags = set(os.environ.get('XLA_FLAGS', '').split()) - {CPU_XLA_FLAG}
-  if jax.default_backend() != 'cpu' or any(flag.lstrip('-').startswith(FORWARD_YNN_OPTION) for flag in user_flags):
-    return {}
-  return {FORWARD_YNN_OPTION: ''}
+  return {YNN_FUSION_OPTION: ''}
 
 
 # XLA:CPU's op schedulers (--xla_cpu_scheduler_type). XLA's default favours running independent ops at once;
@@ -73,20 +78,15 @@ def set_cpu_xla_flags(scheduler: str) -> None:
   XLA:CPU's op scheduler. Also lowers Threefry unrolled on the CPU (unroll_threefry_on_cpu). Call before
   JAX starts a backend.
   """
-  unroll_threefry_on_cpu()
   if scheduler not in CPU_SCHEDULERS:
     raise ValueError(f'Unknown cpu_scheduler {scheduler!r}; choose one of {", ".join(CPU_SCHEDULERS)}.')
-  import jaxlib.version  # pylint: disable=g-import-not-at-top
-  first, last = CPU_XLA_FLAG_JAXLIB_VERSIONS
-  ours = []
-  if first <= tuple(int(part) for part in jaxlib.version.__version__.split('.')[:2]) < last:
-    ours.append(CPU_XLA_FLAG)
+  unroll_threefry_on_cpu()
+  ours = [CPU_XLA_FLAG] if _jaxlib_takes_cpu_xla_flag() else []
   if scheduler != 'default':
     ours.append(f'--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_{scheduler.upper()}')
-  user_flags = os.environ.get('XLA_FLAGS', '')
-  user_options = {flag.split('=')[0] for flag in user_flags.split()}
-  ours = [flag for flag in ours if flag.split('=')[0] not in user_options]
-  os.environ['XLA_FLAGS'] = ' '.join([user_flags, *ours]).strip()
+  already_set = _xla_options()
+  ours = [flag for flag in ours if flag.split('=')[0].lstrip('-') not in already_set]
+  os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''), *ours]).strip()
 
 
 def _threefry2x32_unrolled(key1, key2, x1, x2):
