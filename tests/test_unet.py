@@ -1,6 +1,7 @@
 """The U-Net: parameter counts of the paper, initialisation, bad settings and parity with diffusers."""
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ from safetensors.numpy import load_file
 
 from conftest import FIXTURES
 from diffusion_jax.models import convert
-from diffusion_jax.models.unet import UNet, timestep_embedding, unet_from_config
+from diffusion_jax.models.unet import UNet, conv1x1, timestep_embedding, unet_from_config
 
 
 def count_params(model, size, channels=3):
@@ -57,6 +58,32 @@ def test_timestep_embedding_formula():
   emb = timestep_embedding(t, 8)
   w = np.exp(-np.log(10000) * np.arange(4) / 3)
   np.testing.assert_allclose(emb, np.concatenate([np.sin(np.outer(t, w)), np.cos(np.outer(t, w))], 1), atol=1e-4)
+
+
+def test_conv1x1_is_the_dense_contraction_over_channels():
+  """conv1x1 and its gradients equal lax.dot_general's (a float64 einsum for the values); other shapes are refused."""
+  rng = np.random.default_rng(0)
+  x, w, g = (rng.normal(size=shape).astype(np.float32) for shape in ((2, 4, 5, 6), (6, 3), (2, 4, 5, 3)))
+  dims = (((3,), (0,)), ((), ()))
+  np.testing.assert_allclose(conv1x1(x, w, dims), np.einsum('bhwc,cd->bhwd', x.astype(np.float64), w), rtol=1e-5,
+                             atol=1e-5)
+  loss = lambda dot_general: lambda x, w: jnp.sum(dot_general(x, w, dims) * g)
+  for ours, reference in zip(jax.grad(loss(conv1x1), (0, 1))(x, w), jax.grad(loss(jax.lax.dot_general), (0, 1))(x, w)):
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r'contracts the channels of \(B, H, W, C\) maps; got \(4, 5, 6\)'):
+    conv1x1(x[0], w, (((2,), (0,)), ((), ())))
+
+
+def test_1x1_projections_are_convolutions():
+  """The shortcut and attention projections run as 1x1 convolutions; of the Dense layers only the timestep
+  embedding's are dots."""
+  model = UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8)
+  x, t = jnp.ones((1, 16, 16, 1)), jnp.zeros((1,), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(0), x, t)
+  text = jax.jit(model.apply).lower(params, x, t).as_text(debug_info=True)
+  ops = set(re.findall(r'loc\("[^"]*/(\w+)/(conv_general_dilated|dot_general)"', text))
+  assert {layer for layer, op in ops if op == 'dot_general'} == {'temb_dense0', 'temb_dense1', 'temb_proj'}
+  assert {'q', 'k', 'v', 'proj_out', 'shortcut'} <= {layer for layer, op in ops if op == 'conv_general_dilated'}
 
 
 @pytest.mark.parametrize('kwargs, size, message', [

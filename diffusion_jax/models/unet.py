@@ -17,6 +17,18 @@ def default_init(scale: float = 1.0):
   return nn.initializers.variance_scaling(1e-10 if scale == 0 else scale, 'fan_avg', 'uniform')
 
 
+def conv1x1(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None, preferred_element_type=None):
+  """lax.dot_general of feature maps lhs (B, H, W, Cin) with a kernel rhs (Cin, Cout) over Cin, as a 1x1 convolution.
+
+  The same products and sums as a dot (nn.Dense's kernel and bias unchanged); on CPUs XLA's convolution
+  kernels run its backward pass 1.5-2x faster than its dots (README "Benchmarks").
+  """
+  if lhs.ndim != 4 or dimension_numbers != (((3,), (0,)), ((), ())):
+    raise ValueError(f'conv1x1 contracts the channels of (B, H, W, C) maps; got {lhs.shape} with {dimension_numbers}.')
+  return jax.lax.conv_general_dilated(lhs, rhs[None, None], (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                      precision=precision, preferred_element_type=preferred_element_type)
+
+
 def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
   """Sinusoidal embedding (B, dim) of t (B,): [sin(t w_i), cos(t w_i)], w_i = 10000^(-i/(dim/2 - 1))."""
   half = dim // 2
@@ -76,7 +88,8 @@ class ResnetBlock(nn.Module):
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv('conv1', scale=0.0)(h)
     if x.shape[-1] != self.out_ch:
-      x = nn.Dense(self.out_ch, kernel_init=default_init(), dtype=self.dtype, name='shortcut')(x)
+      x = nn.Dense(self.out_ch, kernel_init=default_init(), dtype=self.dtype, dot_general=conv1x1,
+                   name='shortcut')(x)
     return x + h
 
 
@@ -88,7 +101,8 @@ class AttnBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     B, H, W, C = x.shape
-    dense = lambda name, scale=1.0: nn.Dense(C, kernel_init=default_init(scale), dtype=self.dtype, name=name)
+    dense = lambda name, scale=1.0: nn.Dense(C, kernel_init=default_init(scale), dtype=self.dtype,
+                                             dot_general=conv1x1, name=name)
     h = nn.GroupNorm(num_groups=self.num_groups, epsilon=1e-6, dtype=self.dtype, name='norm')(x)
     q, k, v = (dense(name)(h).reshape(B, H * W, C) for name in ('q', 'k', 'v'))
     logits = jnp.einsum('bic,bjc->bij', q, k).astype(jnp.float32) * C**-0.5  # Softmax in float32 under bf16.
