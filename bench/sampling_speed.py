@@ -52,8 +52,9 @@ def main(argv):
     config = importlib.import_module(f'configs.{name}').get_config()
     model = unet_from_config(config.model)
     schedule = schedule_from_config(config.diffusion)
-    state = jax.jit(lambda k, c=config, m=model: train.create_train_state(c, m, train.create_optimizer(c.optim), k))(
-        jax.random.key(0))
+    state = train.run_initializer(
+        lambda k, c=config, m=model: train.create_train_state(c, m, train.create_optimizer(c.optim), k),
+        jax.random.key(0), mesh)
     shape = (FLAGS.batch, config.data.image_size, config.data.image_size, config.data.channels)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     T = config.diffusion.num_timesteps

@@ -78,7 +78,6 @@ def main(argv):
                                     config.cpu_scheduler)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from diffusion_jax import sampling, train  # pylint: disable=g-import-not-at-top
   from diffusion_jax.models.unet import unet_from_config  # pylint: disable=g-import-not-at-top
   from diffusion_jax.schedules import schedule_from_config  # pylint: disable=g-import-not-at-top
@@ -87,8 +86,7 @@ def main(argv):
   train.check_config(config, mesh.size)
   model, tx = unet_from_config(config.model), train.create_optimizer(config.optim)
   schedule = schedule_from_config(config.diffusion)
-  state = jax.jit(lambda k: train.create_train_state(config, model, tx, k),
-                  out_shardings=NamedSharding(mesh, P()))(jax.random.key(0))
+  state = train.run_initializer(lambda k: train.create_train_state(config, model, tx, k), jax.random.key(0), mesh)
   batch_size, size, channels = config.training.batch_size, config.data.image_size, config.data.channels
   batch = train.shard_batch({'image': np.zeros((batch_size, size, size, channels), np.float32),
                              'label': np.zeros((batch_size,), np.int32)}, mesh)

@@ -21,6 +21,7 @@ Models: any configs/<name>.py (cifar10, mnist, default, ...), unconditional, eps
 """
 import ctypes
 import datetime
+import functools
 import json
 import os
 import platform
@@ -161,12 +162,12 @@ class JaxBench:
     model, tx = unet_from_config(config.model), train.create_optimizer(config.optim)
     schedule = schedule_from_config(config.diffusion)
     op = r['op_name']
-    init = jax.jit(lambda k: train.create_train_state(config, model, tx, k), out_shardings=NamedSharding(mesh, P()))
+    init = functools.partial(train.create_train_state, config, model, tx)
     if op == 'train':
-      state = init(jax.random.key(r['seed']))
+      state = train.run_initializer(init, jax.random.key(r['seed']), mesh)
       model_params = state.params
     else:  # The forward and the samplers hold only the params, as the PyTorch side then holds only the model.
-      model_params = jax.jit(lambda k: init(k).params)(jax.random.key(r['seed']))
+      model_params = train.run_initializer(lambda k: init(k).params, jax.random.key(r['seed']), mesh)
     params = sum(x.size for x in jax.tree.leaves(model_params))
     size, channels = config.data.image_size, config.data.channels
     rng = np.random.default_rng(r['seed'] + 1)

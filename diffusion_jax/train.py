@@ -5,6 +5,7 @@ shard of the global batch and gradients are averaged with `lax.pmean` over the `
 axis of a 1-D mesh of all devices of all hosts, under `jax.shard_map` inside `jax.jit`.
 """
 import functools
+import gc
 import json
 import os
 import signal
@@ -138,6 +139,22 @@ def create_train_state(config, model: nn.Module, tx: optax.GradientTransformatio
   labels = jnp.zeros((1,), jnp.int32) if model.num_classes else None
   params = model.init({'params': rng}, x, jnp.zeros((1,), jnp.int32), labels, train=False)['params']
   return train_state_from_params(params, tx)
+
+
+def run_initializer(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh) -> Any:
+  """init_fn(rng) (e.g. create_train_state) computed once and replicated over the mesh.
+
+  Compiled for a single run (distributed.initializer_compiler_options); the compiled program and
+  what compiling it freed are handed back before returning, so that they do not add to the memory of
+  the next compilation (the train step's, ~0.1-0.2 GiB less).
+  """
+  init = jax.jit(init_fn, out_shardings=NamedSharding(mesh, P()),
+                 compiler_options=distributed.initializer_compiler_options())
+  out = jax.block_until_ready(init(rng))
+  del init
+  gc.collect()  # JAX's caches keep the executable in reference cycles until a collection.
+  distributed.release_freed_memory()
+  return out
 
 
 def train_state_from_params(params, tx: optax.GradientTransformation) -> TrainState:
@@ -436,7 +453,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   model = unet_from_config(config.model)
   tx = create_optimizer(config.optim)
   schedule = schedule_from_config(config.diffusion)
-  replicated = NamedSharding(mesh, P())
 
   manager = checkpoint_manager(workdir, config.training.keep_checkpoints)
   abstract_state = abstract_train_state(config, model, tx, mesh)
@@ -444,8 +460,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     state = restore_state(manager, abstract_state)
     logging.info('Resumed from the checkpoint at step %d.', int(state.step))
   else:
-    init = jax.jit(functools.partial(create_train_state, config, model, tx), out_shardings=replicated)
-    state = init(jax.random.fold_in(jax.random.key(config.seed), 0))
+    state = run_initializer(functools.partial(create_train_state, config, model, tx),
+                            jax.random.fold_in(jax.random.key(config.seed), 0), mesh)
   start_step = int(state.step)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)

@@ -338,6 +338,32 @@ def test_forward_compiler_options(monkeypatch, user_flags, jaxlib_version, expec
   assert distributed.forward_compiler_options() == expected
 
 
+@pytest.mark.parametrize('user_flags, jaxlib_version, expected', [
+    ('', '0.10.2', {'xla_cpu_use_fusion_emitters': False}),
+    ('--xla_cpu_use_fusion_emitters=true', '0.11.0', {}),  # The user's choice.
+    ('', '0.12.0', {}),  # Versions not known to take the option.
+])
+def test_initializer_compiler_options(monkeypatch, user_flags, jaxlib_version, expected):
+  monkeypatch.setenv('XLA_FLAGS', user_flags)
+  monkeypatch.setattr(jaxlib.version, '__version__', jaxlib_version)
+  assert distributed.initializer_compiler_options() == expected
+
+
+def test_run_initializer_gives_the_state_of_a_plain_jit():
+  """The initializer compiled for one run gives bit for bit the state of jax.jit's default compilation, for a
+  class-conditional model too (whose label embedding is drawn from a normal distribution)."""
+  config = tiny_config()
+  config.model.num_classes = 3
+  model, tx = unet_from_config(config.model), train.create_optimizer(config.optim)
+  init = lambda key: train.create_train_state(config, model, tx, key)
+  ours = train.run_initializer(init, jax.random.key(5), train.create_mesh())
+  plain = jax.jit(init)(jax.random.key(5))
+  assert jax.tree.structure(ours) == jax.tree.structure(plain)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
+    np.testing.assert_array_equal(a, b)
+  assert np.std(ours.params['label_embedding']['embedding']) > 0.1  # Drawn (std 1/sqrt(32)), not zeros.
+
+
 def test_samplers_compile_without_ynnpack_and_the_train_step_with_it():
   """On the CPU the sampler's program has no YNNPACK fusion; the train step keeps YNNPACK's reductions."""
   config = tiny_config()
