@@ -326,27 +326,22 @@ def test_cpu_xla_flag_keeps_convolutions_off_ynnpack():
                                                                                user.stderr[-2000:])
 
 
-@pytest.mark.parametrize('user_flags, jaxlib_version, expected', [
-    (distributed.CPU_XLA_FLAG, '0.10.2', {'xla_cpu_experimental_ynn_fusion_type': ''}),
-    ('--xla_force_host_platform_device_count=2', '0.11.0', {'xla_cpu_experimental_ynn_fusion_type': ''}),
-    ('--xla_cpu_experimental_ynn_fusion_type=individual_convolution', '0.10.2', {}),  # The user's choice.
-    ('', '0.12.0', {}),  # Versions not known to take the option.
-])
-def test_forward_compiler_options(monkeypatch, user_flags, jaxlib_version, expected):
-  monkeypatch.setenv('XLA_FLAGS', user_flags)
-  monkeypatch.setattr(jaxlib.version, '__version__', jaxlib_version)
-  assert distributed.forward_compiler_options() == expected
+FORWARD, INITIALIZER = distributed.forward_compiler_options, distributed.initializer_compiler_options
 
 
-@pytest.mark.parametrize('user_flags, jaxlib_version, expected', [
-    ('', '0.10.2', {'xla_cpu_use_fusion_emitters': False}),
-    ('--xla_cpu_use_fusion_emitters=true', '0.11.0', {}),  # The user's choice.
-    ('', '0.12.0', {}),  # Versions not known to take the option.
+@pytest.mark.parametrize('options, user_flags, jaxlib_version, expected', [
+    (FORWARD, distributed.CPU_XLA_FLAG, '0.10.2', {'xla_cpu_experimental_ynn_fusion_type': ''}),
+    (FORWARD, '--xla_force_host_platform_device_count=2', '0.11.0', {'xla_cpu_experimental_ynn_fusion_type': ''}),
+    (FORWARD, '--xla_cpu_experimental_ynn_fusion_type=individual_convolution', '0.10.2', {}),  # The user's choice.
+    (FORWARD, '', '0.12.0', {}),  # Versions not known to take the option.
+    (INITIALIZER, '', '0.10.2', {'xla_cpu_use_fusion_emitters': False}),
+    (INITIALIZER, '--xla_cpu_use_fusion_emitters=true', '0.11.0', {}),
+    (INITIALIZER, '', '0.12.0', {}),
 ])
-def test_initializer_compiler_options(monkeypatch, user_flags, jaxlib_version, expected):
+def test_per_program_compiler_options(monkeypatch, options, user_flags, jaxlib_version, expected):
   monkeypatch.setenv('XLA_FLAGS', user_flags)
   monkeypatch.setattr(jaxlib.version, '__version__', jaxlib_version)
-  assert distributed.initializer_compiler_options() == expected
+  assert options() == expected
 
 
 def test_run_initializer_gives_the_state_of_a_plain_jit():
