@@ -8,6 +8,7 @@ times the measured DDIM-100 time (the same model calls, one per step) and marked
 Prints a markdown table with the date, machine and command.
 """
 import datetime
+import functools
 import importlib
 import os
 import platform
@@ -52,9 +53,8 @@ def main(argv):
     config = importlib.import_module(f'configs.{name}').get_config()
     model = unet_from_config(config.model)
     schedule = schedule_from_config(config.diffusion)
-    state = train.run_initializer(
-        lambda k, c=config, m=model: train.create_train_state(c, m, train.create_optimizer(c.optim), k),
-        jax.random.key(0), mesh)
+    init = functools.partial(train.create_train_state, config, model, train.create_optimizer(config.optim))
+    state = train.run_initializer(init, jax.random.key(0), mesh)
     shape = (FLAGS.batch, config.data.image_size, config.data.image_size, config.data.channels)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     T = config.diffusion.num_timesteps

@@ -148,11 +148,13 @@ def run_initializer(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: M
   what compiling it freed are handed back before returning, so that they do not add to the memory of
   the next compilation (the train step's, ~0.1-0.2 GiB less).
   """
-  init = jax.jit(init_fn, out_shardings=NamedSharding(mesh, P()),
+  # JAX caches a compiled program under the jitted function: a fresh lambda, not init_fn (which the caller
+  # may keep), so that the program goes with it.
+  init = jax.jit(lambda key: init_fn(key), out_shardings=NamedSharding(mesh, P()),  # pylint: disable=unnecessary-lambda
                  compiler_options=distributed.initializer_compiler_options())
   out = jax.block_until_ready(init(rng))
   del init
-  gc.collect()  # JAX's caches keep the executable in reference cycles until a collection.
+  gc.collect()  # The cache holds it in reference cycles until a collection.
   distributed.release_freed_memory()
   return out
 

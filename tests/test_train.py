@@ -334,8 +334,8 @@ FORWARD, INITIALIZER = distributed.forward_compiler_options, distributed.initial
     (FORWARD, '--xla_force_host_platform_device_count=2', '0.11.0', {'xla_cpu_experimental_ynn_fusion_type': ''}),
     (FORWARD, '--xla_cpu_experimental_ynn_fusion_type=individual_convolution', '0.10.2', {}),  # The user's choice.
     (FORWARD, '', '0.12.0', {}),  # Versions not known to take the option.
-    (INITIALIZER, '', '0.10.2', {'xla_cpu_use_fusion_emitters': False}),
-    (INITIALIZER, '--xla_cpu_use_fusion_emitters=true', '0.11.0', {}),
+    (INITIALIZER, '', '0.10.2', {distributed.FUSION_EMITTERS_OPTION: False}),
+    (INITIALIZER, f'--{distributed.FUSION_EMITTERS_OPTION}=true', '0.11.0', {}),
     (INITIALIZER, '', '0.12.0', {}),
 ])
 def test_per_program_compiler_options(monkeypatch, options, user_flags, jaxlib_version, expected):
@@ -344,15 +344,20 @@ def test_per_program_compiler_options(monkeypatch, options, user_flags, jaxlib_v
   assert options() == expected
 
 
-def test_run_initializer_gives_the_state_of_a_plain_jit():
+def test_run_initializer_gives_the_state_of_a_plain_jit_and_drops_its_program():
   """The initializer compiled for one run gives bit for bit the state of jax.jit's default compilation, for a
-  class-conditional model too (whose label embedding is drawn from a normal distribution)."""
+  class-conditional model too (whose label embedding is drawn from a normal distribution); its compiled program
+  is gone when it returns, though the caller keeps init_fn."""
+  assert distributed.initializer_compiler_options()  # This CPU and jaxlib compile the initializer differently.
   config = tiny_config()
   config.model.num_classes = 3
   model, tx = unet_from_config(config.model), train.create_optimizer(config.optim)
   init = lambda key: train.create_train_state(config, model, tx, key)
-  ours = train.run_initializer(init, jax.random.key(5), train.create_mesh())
-  plain = jax.jit(init)(jax.random.key(5))
+  key, mesh, client = jax.random.key(5), train.create_mesh(), jax.devices()[0].client
+  num_programs = len(client.live_executables())
+  ours = train.run_initializer(init, key, mesh)
+  assert len(client.live_executables()) == num_programs
+  plain = jax.jit(init)(key)
   assert jax.tree.structure(ours) == jax.tree.structure(plain)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
     np.testing.assert_array_equal(a, b)

@@ -70,6 +70,10 @@ def test_conv1x1_is_the_dense_contraction_over_channels():
   loss = lambda dot_general: lambda x, w: jnp.sum(dot_general(x, w, dims) * g)
   for ours, reference in zip(jax.grad(loss(conv1x1), (0, 1))(x, w), jax.grad(loss(jax.lax.dot_general), (0, 1))(x, w)):
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+  x16, w16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)  # As nn.Dense passes them under bfloat16.
+  ours, reference = conv1x1(x16, w16, dims), jax.lax.dot_general(x16, w16, dims)
+  assert ours.dtype == reference.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.float32(ours), np.float32(reference), rtol=2e-2, atol=2e-2)
   with pytest.raises(ValueError, match=r'contracts the channels of \(B, H, W, C\) maps; got \(4, 5, 6\)'):
     conv1x1(x[0], w, (((2,), (0,)), ((), ())))
 
