@@ -54,16 +54,20 @@ def _xla_options(skip: tuple[str, ...] = ()) -> set[str]:
   return {flag.split('=')[0].lstrip('-') for flag in os.environ.get('XLA_FLAGS', '').split() if flag not in skip}
 
 
+def _cpu_compiler_option(option: str, value, skip: tuple[str, ...] = ()) -> dict:
+  """{option: value} as jax.jit compiler_options on the CPU with the jaxlibs that take CPU_XLA_FLAG; {} on GPUs
+  and TPUs, or when XLA_FLAGS (ignoring the flags in skip) set the option: the user's choice wins."""
+  if not _jaxlib_takes_cpu_xla_flag() or jax.default_backend() != 'cpu' or option in _xla_options(skip):
+    return {}
+  return {option: value}
+
+
 # A program without a backward pass (a sampler, a forward) runs faster on the CPU with no YNNPACK fusions at
 # all: XLA:CPU's own dots and reductions make the U-Net's forward 6-18% faster. A train step keeps them:
 # without YNNPACK's reductions, the gradients of the biases and norms make it 40% slower.
 def forward_compiler_options() -> dict[str, str]:
-  """jax.jit compiler_options for programs without gradients: on CPU (with the jaxlibs that take CPU_XLA_FLAG)
-  no YNNPACK fusions; {} on GPUs and TPUs, or when the user's XLA_FLAGS set the option themselves."""
-  if (not _jaxlib_takes_cpu_xla_flag() or jax.default_backend() != 'cpu'
-      or YNN_FUSION_OPTION in _xla_options(skip=(CPU_XLA_FLAG,))):
-    return {}
-  return {YNN_FUSION_OPTION: ''}
+  """jax.jit compiler_options for programs without gradients: no YNNPACK fusions (where: _cpu_compiler_option)."""
+  return _cpu_compiler_option(YNN_FUSION_OPTION, '', skip=(CPU_XLA_FLAG,))
 
 
 # A program that runs once (the parameter initializer: hundreds of random draws) compiles in ~14% less time and
@@ -73,12 +77,8 @@ FUSION_EMITTERS_OPTION = 'xla_cpu_use_fusion_emitters'
 
 
 def initializer_compiler_options() -> dict[str, bool]:
-  """jax.jit compiler_options for a program run once: on CPU (jaxlibs that take CPU_XLA_FLAG) XLA's older fusion
-  emitters; {} on GPUs and TPUs, or when the user's XLA_FLAGS set the option themselves."""
-  if (not _jaxlib_takes_cpu_xla_flag() or jax.default_backend() != 'cpu'
-      or FUSION_EMITTERS_OPTION in _xla_options()):
-    return {}
-  return {FUSION_EMITTERS_OPTION: False}
+  """jax.jit compiler_options for a program run once: XLA's older fusion emitters (where: _cpu_compiler_option)."""
+  return _cpu_compiler_option(FUSION_EMITTERS_OPTION, False)
 
 
 # XLA:CPU's op schedulers (--xla_cpu_scheduler_type). XLA's default favours running independent ops at once;
