@@ -1,11 +1,13 @@
 """Process set-up: CPU device layout, the compilation cache, jax.distributed.initialize for several processes,
 and handing the compiler's freed memory back to the OS."""
 import ctypes
+import functools
 import math
 import os
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 from jax.extend import random as jax_random
 from jax.interpreters import mlir
 import numpy as np
@@ -104,35 +106,54 @@ def set_cpu_xla_flags(scheduler: str) -> None:
   os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''), *ours]).strip()
 
 
-def _threefry2x32_unrolled(key1, key2, x1, x2):
-  """Threefry-2x32 with 20 rounds (Salmon et al. 2011), as JAX computes it, written out round by round.
+THREEFRY_ROTATIONS = np.array([[13, 15, 26, 6], [17, 29, 16, 24]], np.uint32)  # Even and odd blocks' rounds.
+
+# Threefry on the CPU: hashes of at least this many numbers (random arrays: dropout masks, noise) are lowered
+# unrolled; smaller ones (keys from split and fold_in, per-example keys) keep a loop. Unrolled, XLA copies
+# those into every fusion that uses their keys: a sixth of the train step's program, and of its compile time.
+UNROLL_THREEFRY_FROM_SIZE = 1024
+
+
+def _threefry_block(state: tuple, rotations, block_number) -> tuple:
+  """4 rounds, then the key schedule's injection; state (x1, x2, key1, key2, key3) -> state with keys rotated."""
+  x1, x2, key1, key2, key3 = state
+  for i in range(4):
+    x1 = x1 + x2
+    x2 = x1 ^ (jax.lax.shift_left(x2, rotations[i]) | jax.lax.shift_right_logical(x2, np.uint32(32) - rotations[i]))
+  return x1 + key2, x2 + key3 + block_number, key2, key3, key1
+
+
+def _threefry2x32(key1, key2, x1, x2, unrolled: bool):
+  """Threefry-2x32 with 20 rounds (Salmon et al. 2011) as JAX computes it: 5 blocks of 4 rounds.
 
   key1, key2, x1, x2: uint32 arrays (the key words broadcast against the counts); returns the two
-  uint32 output words.
+  uint32 output words. unrolled: straight-line code (XLA fuses the 20 rounds into one pass), else a
+  loop over the blocks (JAX's own CPU lowering).
   """
-  keys = (key1, key2, key1 ^ key2 ^ np.uint32(0x1BD11BDA))
-  rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
-  x = [x1 + keys[0], x2 + keys[1]]
-  for block in range(5):
-    for rotation in rotations[block % 2]:
-      x[0] = x[0] + x[1]
-      x[1] = jax.lax.shift_left(x[1], np.uint32(rotation)) | jax.lax.shift_right_logical(
-          x[1], np.uint32(32 - rotation))
-      x[1] = x[0] ^ x[1]
-    x[0] = x[0] + keys[(block + 1) % 3]
-    x[1] = x[1] + keys[(block + 2) % 3] + np.uint32(block + 1)
-  return x
+  state = (x1 + key1, x2 + key2, key1, key2, key1 ^ key2 ^ np.uint32(0x1BD11BDA))
+  if unrolled:
+    for b in range(5):
+      state = _threefry_block(state, THREEFRY_ROTATIONS[b % 2], np.uint32(b + 1))
+  else:
+    state = jax.lax.fori_loop(0, 5, lambda b, state: _threefry_block(
+        state, jnp.asarray(THREEFRY_ROTATIONS)[b % 2], (b + 1).astype(jnp.uint32)), state)
+  return list(state[:2])
+
+
+def _threefry2x32_cpu_lowering(ctx, *args):
+  """The threefry2x32 primitive's CPU lowering: unrolled for UNROLL_THREEFRY_FROM_SIZE numbers or more."""
+  unrolled = math.prod(ctx.avals_out[0].shape) >= UNROLL_THREEFRY_FROM_SIZE
+  return mlir.lower_fun(functools.partial(_threefry2x32, unrolled=unrolled), multiple_results=True)(ctx, *args)
 
 
 def unroll_threefry_on_cpu() -> None:
-  """Lowers JAX's Threefry random bits on the CPU as straight-line code instead of a loop of 5 blocks.
+  """Lowers JAX's Threefry random bits of arrays >= UNROLL_THREEFRY_FROM_SIZE straight-line on the CPU.
 
-  The same bits (a test checks the published test vectors); XLA:CPU then fuses all 20 rounds into one
-  pass: 4-6x faster random bits, and dropout's share of a CIFAR-10 train step drops from ~4% to ~1%.
-  JAX keeps the loop on CPUs to shorten compiles, which here come out shorter unrolled.
+  JAX lowers Threefry on CPUs as a loop of 5 blocks, which XLA:CPU runs as 5 passes over memory; the same
+  bits unrolled (a test checks the published test vectors) fuse into one pass: 4-6x faster random arrays,
+  and dropout's share of a CIFAR-10 train step drops from ~4% to ~1%. Smaller hashes keep the loop.
   """
-  mlir.register_lowering(jax_random.threefry2x32_p,
-                         mlir.lower_fun(_threefry2x32_unrolled, multiple_results=True), platform='cpu')
+  mlir.register_lowering(jax_random.threefry2x32_p, _threefry2x32_cpu_lowering, platform='cpu')
 
 
 def configure_cpu_devices(num_cpu_devices: int, batch_sizes: tuple[int, ...], scheduler: str) -> None:

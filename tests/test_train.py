@@ -388,18 +388,21 @@ THREEFRY_BITS = """
 import sys
 import jax, numpy as np
 from diffusion_jax import distributed
-if sys.argv[1] == 'unrolled':
+if sys.argv[1] == 'ours':
   distributed.unroll_threefry_on_cpu()
 key = jax.random.key(7)
-bits = jax.jit(lambda key: jax.random.bits(key, (1000,)))(key)
-normal = jax.jit(lambda key: jax.random.normal(jax.random.fold_in(jax.random.split(key)[1], 3), (1000,)))(key)
-print(jax.jit(lambda key: jax.random.bits(key, (8,))).lower(key).as_text().count('stablehlo.while'), end=' ')
+bits = jax.jit(lambda key: jax.random.bits(key, (5000,)))(key)
+normal = jax.jit(lambda key: jax.random.normal(jax.random.fold_in(jax.random.split(key)[1], 3), (5000,)))(key)
+for size in (8, distributed.UNROLL_THREEFRY_FROM_SIZE):
+  print(jax.jit(lambda key: jax.random.bits(key, (size,))).lower(key).as_text().count('stablehlo.while'), end=' ')
 print(int(np.bitwise_xor.reduce(np.asarray(bits))), np.asarray(normal).tobytes().hex())
 """
 
 
-def test_threefry_unrolled_on_cpu_gives_jax_bits():
-  """The unrolled Threefry lowering meets the published Threefry-2x32-20 test vectors and JAX's own bits."""
+@pytest.mark.parametrize('size', [1, distributed.UNROLL_THREEFRY_FROM_SIZE])
+def test_threefry_on_cpu_meets_the_test_vectors(size):
+  """Our Threefry lowering, a loop below UNROLL_THREEFRY_FROM_SIZE numbers and unrolled from there, gives the
+  published Threefry-2x32-20 outputs."""
   distributed.unroll_threefry_on_cpu()
   known_answers = [  # (key, counter, output), Random123's kat_vectors for threefry2x32_20.
       ((0, 0), (0, 0), (0x6b200159, 0x99ba4efe)),
@@ -408,15 +411,20 @@ def test_threefry_unrolled_on_cpu_gives_jax_bits():
   ]
   hash_fn = jax.jit(lambda key, count: jax_random.threefry_2x32(key, count))
   for key, counter, output in known_answers:
-    np.testing.assert_array_equal(hash_fn(np.uint32(key), np.uint32(counter)), np.uint32(output))
+    counts = np.repeat(np.uint32(counter), size)  # The counter's two words, each repeated size times.
+    expected = np.repeat(np.uint32(output), size)
+    np.testing.assert_array_equal(hash_fn(np.uint32(key), counts), expected)
+
+
+def test_threefry_on_cpu_gives_jax_bits():
+  """Random bits, splits and normals equal those of JAX's own lowering, which is a loop at every size."""
   run = lambda lowering: subprocess.run([sys.executable, '-c', THREEFRY_BITS, lowering], cwd=REPO,
                                         capture_output=True, text=True, timeout=120)
-  rolled, unrolled = run('rolled'), run('unrolled')
-  assert rolled.returncode == unrolled.returncode == 0, rolled.stderr[-2000:] + unrolled.stderr[-2000:]
-  loops_rolled, *rolled_bits = rolled.stdout.split()
-  loops_unrolled, *unrolled_bits = unrolled.stdout.split()
-  assert (int(loops_rolled), int(loops_unrolled)) == (1, 0)  # JAX's lowering is a loop; ours is not.
-  assert unrolled_bits == rolled_bits
+  jaxs, ours = run('jax'), run('ours')
+  assert jaxs.returncode == ours.returncode == 0, jaxs.stderr[-2000:] + ours.stderr[-2000:]
+  assert jaxs.stdout.split()[:2] == ['1', '1']  # JAX's lowering is a loop.
+  assert ours.stdout.split()[:2] == ['1', '0']  # Ours: a loop for 8 numbers, unrolled for the larger arrays.
+  assert ours.stdout.split()[2:] == jaxs.stdout.split()[2:]
 
 
 def test_tensorflow_is_imported_only_where_used():
