@@ -92,8 +92,8 @@ def set_cpu_xla_flags(scheduler: str) -> None:
   """Adds the project's XLA:CPU flags to XLA_FLAGS; options the user already set there are left alone.
 
   CPU_XLA_FLAG goes in for the jaxlib versions that know it; scheduler (one of CPU_SCHEDULERS) picks
-  XLA:CPU's op scheduler. Also lowers Threefry unrolled on the CPU (unroll_threefry_on_cpu). Call before
-  JAX starts a backend.
+  XLA:CPU's op scheduler. Also lowers large Threefry hashes unrolled on the CPU (unroll_threefry_on_cpu).
+  Call before JAX starts a backend.
   """
   if scheduler not in CPU_SCHEDULERS:
     raise ValueError(f'Unknown cpu_scheduler {scheduler!r}; choose one of {", ".join(CPU_SCHEDULERS)}.')
@@ -108,9 +108,10 @@ def set_cpu_xla_flags(scheduler: str) -> None:
 
 THREEFRY_ROTATIONS = np.array([[13, 15, 26, 6], [17, 29, 16, 24]], np.uint32)  # Even and odd blocks' rounds.
 
-# Threefry on the CPU: hashes of at least this many numbers (random arrays: dropout masks, noise) are lowered
-# unrolled; smaller ones (keys from split and fold_in, per-example keys) keep a loop. Unrolled, XLA copied
-# those into every fusion that uses their keys: 15% of the train step's program, 20% of its compile time.
+# Threefry on the CPU: hashes whose outputs have at least this many elements (random arrays: dropout masks,
+# noise) are lowered unrolled; smaller ones (at this project's batch sizes, the keys from split and fold_in and
+# the per-example keys) keep a loop. Unrolled, XLA copied those into every fusion that uses their keys: 15% of
+# the train step's program, 20% of its compile time.
 UNROLL_THREEFRY_FROM_SIZE = 1024
 
 
@@ -134,20 +135,24 @@ def _threefry2x32(key1, key2, x1, x2, unrolled: bool):
   if unrolled:
     for b in range(5):
       state = _threefry_block(state, THREEFRY_ROTATIONS[b % 2], np.uint32(b + 1))
-  else:
+  else:  # The loop's state must keep its shapes: all words at the output's shape.
+    shape = jnp.broadcast_shapes(key1.shape, key2.shape, x1.shape, x2.shape)
+    state = tuple(jnp.broadcast_to(word, shape) for word in state)
     state = jax.lax.fori_loop(0, 5, lambda b, state: _threefry_block(
         state, jnp.asarray(THREEFRY_ROTATIONS)[b % 2], (b + 1).astype(jnp.uint32)), state)
   return list(state[:2])
 
 
 def _threefry2x32_cpu_lowering(ctx, *args):
-  """The threefry2x32 primitive's CPU lowering: unrolled for UNROLL_THREEFRY_FROM_SIZE numbers or more."""
-  unrolled = math.prod(ctx.avals_out[0].shape) >= UNROLL_THREEFRY_FROM_SIZE
+  """The threefry2x32 primitive's CPU lowering: unrolled for outputs of UNROLL_THREEFRY_FROM_SIZE elements or
+  more (known at compile time; a symbolic shape keeps the loop)."""
+  shape = ctx.avals_out[0].shape
+  unrolled = all(isinstance(d, int) for d in shape) and math.prod(shape) >= UNROLL_THREEFRY_FROM_SIZE
   return mlir.lower_fun(functools.partial(_threefry2x32, unrolled=unrolled), multiple_results=True)(ctx, *args)
 
 
 def unroll_threefry_on_cpu() -> None:
-  """Lowers JAX's Threefry random bits of arrays >= UNROLL_THREEFRY_FROM_SIZE straight-line on the CPU.
+  """Lowers JAX's Threefry hashes with outputs of >= UNROLL_THREEFRY_FROM_SIZE elements straight-line on the CPU.
 
   JAX lowers Threefry on CPUs as a loop of 5 blocks, which XLA:CPU runs as 5 passes over memory; the same
   bits unrolled (a test checks the published test vectors) fuse into one pass: 4-6x faster random arrays,

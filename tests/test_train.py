@@ -393,9 +393,10 @@ if sys.argv[1] == 'ours':
 key = jax.random.key(7)
 bits = jax.jit(lambda key: jax.random.bits(key, (5000,)))(key)
 normal = jax.jit(lambda key: jax.random.normal(jax.random.fold_in(jax.random.split(key)[1], 3), (5000,)))(key)
+per_key = jax.jit(jax.vmap(lambda k: jax.random.bits(k, (1024,))))(jax.random.split(key, 8))  # Keys (8, 1).
 for size in (8, distributed.UNROLL_THREEFRY_FROM_SIZE):
   print(jax.jit(lambda key: jax.random.bits(key, (size,))).lower(key).as_text().count('stablehlo.while'), end=' ')
-print(int(np.bitwise_xor.reduce(np.asarray(bits))), np.asarray(normal).tobytes().hex())
+print(int(np.bitwise_xor.reduce(np.asarray(bits))), *(np.asarray(a).tobytes().hex() for a in (normal, per_key)))
 """
 
 
