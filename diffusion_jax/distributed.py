@@ -129,17 +129,18 @@ def _threefry2x32(key1, key2, x1, x2, unrolled: bool):
 
   key1, key2, x1, x2: uint32 arrays (the key words broadcast against the counts); returns the two
   uint32 output words. unrolled: straight-line code (XLA fuses the 20 rounds into one pass), else a
-  loop over the blocks (JAX's own CPU lowering).
+  loop over the blocks (as JAX's own CPU lowering).
   """
+  if not unrolled:  # The loop's keys take turns in the state, so they need one shape.
+    key1, key2 = jnp.broadcast_arrays(key1, key2)
   state = (x1 + key1, x2 + key2, key1, key2, key1 ^ key2 ^ np.uint32(0x1BD11BDA))
   if unrolled:
     for b in range(5):
       state = _threefry_block(state, THREEFRY_ROTATIONS[b % 2], np.uint32(b + 1))
-  else:  # The loop's state must keep its shapes: all words at the output's shape.
-    shape = jnp.broadcast_shapes(key1.shape, key2.shape, x1.shape, x2.shape)
-    state = tuple(jnp.broadcast_to(word, shape) for word in state)
-    state = jax.lax.fori_loop(0, 5, lambda b, state: _threefry_block(
-        state, jnp.asarray(THREEFRY_ROTATIONS)[b % 2], (b + 1).astype(jnp.uint32)), state)
+  else:  # Each block's rotations are row 0 of the carried table, whose rows swap after every block.
+    state, _ = jax.lax.fori_loop(0, 5, lambda b, carry: (
+        _threefry_block(carry[0], carry[1][0], (b + 1).astype(jnp.uint32)), carry[1][::-1]),
+        (state, jnp.asarray(THREEFRY_ROTATIONS)))
   return list(state[:2])
 
 
