@@ -131,8 +131,7 @@ def _threefry2x32(key1, key2, x1, x2, unrolled: bool):
   uint32 output words. unrolled: straight-line code (XLA fuses the 20 rounds into one pass), else a
   loop over the blocks (as JAX's own CPU lowering).
   """
-  if not unrolled:  # The loop's keys take turns in the state, so they need one shape.
-    key1, key2 = jnp.broadcast_arrays(key1, key2)
+  key1, key2 = jnp.broadcast_arrays(key1, key2)  # The keys take turns in the state: the loop needs one shape.
   state = (x1 + key1, x2 + key2, key1, key2, key1 ^ key2 ^ np.uint32(0x1BD11BDA))
   if unrolled:
     for b in range(5):
