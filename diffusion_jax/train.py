@@ -4,6 +4,8 @@ The train step is written per device (pmap style): each device computes the loss
 shard of the global batch and gradients are averaged with `lax.pmean` over the `batch`
 axis of a 1-D mesh of all devices of all hosts, under `jax.shard_map` inside `jax.jit`.
 """
+from __future__ import annotations
+
 import functools
 import gc
 import json
@@ -23,15 +25,17 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax import diffusion, distributed, images, input_pipeline, sampling
 from diffusion_jax.models.unet import DTYPES, check_unet_config, unet_from_config
 from diffusion_jax.schedules import BETA_SCHEDULES, Schedule, schedule_from_config
 
-with epy.lazy_imports():  # They load TensorFlow (0.6 GiB): only when a training run writes its first summary.
+# Loaded on first use, as a train step or a sampler needs neither: clu's writers load TensorFlow (0.6 GiB) when a
+# run writes its first summary, orbax (25 MB) when it saves or restores a checkpoint.
+with epy.lazy_imports():
   from clu import metric_writers, periodic_actions
+  import orbax.checkpoint as ocp
 
 # Config entries that fix the shapes and meaning of a checkpoint's parameters (dropout does not).
 ARCHITECTURE_KEYS = ('model.ch', 'model.ch_mult', 'model.num_res_blocks', 'model.attn_resolutions',
