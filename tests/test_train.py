@@ -438,13 +438,13 @@ def test_tensorflow_is_imported_only_where_used():
   assert result.stdout.split() == ['False', 'True'], result.stderr[-3000:]
 
 
-
 def test_orbax_is_imported_only_where_used():
   """The train step's and the samplers' module does not load orbax (25 MB); a checkpoint manager does."""
   code = ('import sys, tempfile; from diffusion_jax import sampling, train; print("orbax.checkpoint" in sys.modules); '
           'train.checkpoint_manager(tempfile.mkdtemp()); print("orbax.checkpoint" in sys.modules)')
   result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.stdout.split() == ['False', 'True'], result.stderr[-3000:]
+
 
 RELEASE_FREED_MEMORY = """
 import re
