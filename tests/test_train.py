@@ -428,20 +428,17 @@ def test_threefry_on_cpu_gives_jax_bits():
   assert ours.stdout.split()[2:] == jaxs.stdout.split()[2:]
 
 
-def test_tensorflow_is_imported_only_where_used():
-  """Importing main.py's modules does not load TensorFlow (0.6 GiB); the tf.data input pipeline still does."""
-  code = ('import sys; import main; from diffusion_jax import evaluate, sample, train; print("tensorflow" in '
-          'sys.modules); from diffusion_jax import input_pipeline; from configs import default; '
-          'next(input_pipeline.create_iterator(input_pipeline.load_dataset(default.get_config().data), 4, 0)); '
-          'print("tensorflow" in sys.modules)')
-  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert result.stdout.split() == ['False', 'True'], result.stderr[-3000:]
-
-
-def test_orbax_is_imported_only_where_used():
-  """The train step's and the samplers' module does not load orbax (25 MB); a checkpoint manager does."""
-  code = ('import sys, tempfile; from diffusion_jax import sampling, train; print("orbax.checkpoint" in sys.modules); '
-          'train.checkpoint_manager(tempfile.mkdtemp()); print("orbax.checkpoint" in sys.modules)')
+@pytest.mark.parametrize('module, first_use', [
+    # TensorFlow (0.6 GiB): the tf.data input pipeline loads it.
+    ('tensorflow', 'from diffusion_jax import input_pipeline; from configs import default; next(input_pipeline.'
+                   'create_iterator(input_pipeline.load_dataset(default.get_config().data), 4, 0))'),
+    # orbax (25 MB): a checkpoint manager loads it.
+    ('orbax.checkpoint', 'import tempfile; train.checkpoint_manager(tempfile.mkdtemp())'),
+], ids=['tensorflow', 'orbax'])
+def test_heavy_module_is_imported_only_where_used(module, first_use):
+  """Importing main.py's modules and the samplers does not load `module`; its first use does."""
+  code = (f'import sys; import main; from diffusion_jax import evaluate, sample, sampling, train; '
+          f'print({module!r} in sys.modules); {first_use}; print({module!r} in sys.modules)')
   result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.stdout.split() == ['False', 'True'], result.stderr[-3000:]
 
