@@ -2,7 +2,9 @@
 import json
 import os
 import re
+from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,8 @@ from safetensors.numpy import load_file
 
 from conftest import FIXTURES
 from diffusion_jax.models import convert
-from diffusion_jax.models.unet import UNet, conv1x1, timestep_embedding, unet_from_config
+from diffusion_jax.models.unet import (ResnetBlock, UNet, conv1x1, param_grads_first, timestep_embedding,
+                                       unet_from_config)
 
 
 def count_params(model, size, channels=3):
@@ -88,6 +91,53 @@ def test_1x1_projections_are_convolutions():
   ops = set(re.findall(r'loc\("[^"]*/(\w+)/(conv_general_dilated|dot_general)"', text))
   assert {layer for layer, op in ops if op == 'dot_general'} == {'temb_dense0', 'temb_dense1', 'temb_proj'}
   assert {'q', 'k', 'v', 'proj_out', 'shortcut'} <= {layer for layer, op in ops if op == 'conv_general_dilated'}
+
+
+class _Wrapper(nn.Module):
+  """call(inner, *args) directly, or through param_grads_first."""
+  inner: nn.Module
+  ordered: bool
+  call: Callable = lambda mdl, *args: mdl(*args)
+
+  def __call__(self, *args):
+    return param_grads_first(self.call, self.inner, *args) if self.ordered else self.call(self.inner, *args)
+
+
+def test_param_grads_first_leaves_values_and_gradients_unchanged():
+  """A ResNet block's output and gradients (parameters and both inputs) are the same with or without the ordering."""
+  rng = np.random.default_rng(0)
+  x, temb, g = (rng.normal(size=shape).astype(np.float32) for shape in ((2, 8, 8, 8), (2, 32), (2, 8, 8, 16)))
+  block, call = ResnetBlock(16, dropout=0.0, num_groups=4), lambda mdl, x, temb: mdl(x, temb, train=False)
+  params = _Wrapper(block, False, call).init(jax.random.key(0), x, temb)['params']
+  results = []
+  for ordered in (False, True):
+    apply = lambda p, x, temb: _Wrapper(block, ordered, call).apply({'params': p}, x, temb)
+    out, vjp = jax.vjp(jax.jit(apply), params, x, temb)
+    results.append((out, *vjp(g)))
+  for plain, ordered in zip(*map(jax.tree.leaves, results)):
+    np.testing.assert_allclose(ordered, plain, rtol=1e-6, atol=1e-6)
+
+
+class _SqrtOfParam(nn.Module):
+  """x + sqrt(p) with p = 0: a finite output and input gradient, an infinite parameter gradient."""
+
+  @nn.compact
+  def __call__(self, x):
+    return x + jnp.sqrt(self.param('p', nn.initializers.zeros, ()))
+
+
+def test_param_grads_first_makes_input_gradients_depend_on_parameter_gradients():
+  """The order is a data dependency: an infinite parameter gradient reaches the input gradient (NaN) only then."""
+  x = jnp.ones((3,))
+  params = _Wrapper(_SqrtOfParam(), False).init(jax.random.key(0), x)['params']
+  for ordered in (False, True):
+    param_grads, x_grad = jax.grad(
+        lambda p, x: jnp.sum(_Wrapper(_SqrtOfParam(), ordered).apply({'params': p}, x)), (0, 1))(params, x)
+    assert np.isinf(param_grads['inner']['p'])
+    if ordered:
+      assert np.isnan(x_grad).all()
+    else:
+      np.testing.assert_array_equal(x_grad, np.ones(3))
 
 
 @pytest.mark.parametrize('kwargs, size, message', [
