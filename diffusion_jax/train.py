@@ -48,10 +48,20 @@ CPU_MICRO_BATCH = 16
 
 
 class TrainState(flax.struct.PyTreeNode):
+  """The step, the params and their EMA (trees of float32 arrays), and the optimizer's state for the params as
+  one flat vector (`flat_vector`: Adam's moments are two float32 vectors of all the params' numbers).
+
+  param_offsets, a tree like params of int32 scalars, says where each params leaf starts in such a vector.
+  They are arrays, passed to the compiled step, not constants in it: XLA:CPU compiles one kernel for each
+  distinct fusion, and constant offsets would make the copy of every leaf out of a vector a kernel of its own,
+  while with offsets as arguments the leaves of one shape share one. Compiling a kernel costs ~1 MB of memory
+  (README "Benchmarks").
+  """
   step: jax.Array
   params: Any
   ema_params: Any
   opt_state: Any
+  param_offsets: Any
 
 
 class NonFiniteLossError(RuntimeError):
@@ -165,8 +175,34 @@ def run_initializer(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: M
 
 def train_state_from_params(params, tx: optax.GradientTransformation) -> TrainState:
   """A step-0 state whose EMA params start as a copy (a separate buffer) of params."""
+  leaves, treedef = jax.tree.flatten(params)
+  starts = np.cumsum([0] + [x.size for x in leaves[:-1]])
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema_params=jax.tree.map(lambda p: p + 0.0, params), opt_state=tx.init(params))
+                    ema_params=jax.tree.map(lambda p: p + 0.0, params), opt_state=tx.init(flat_vector(params)),
+                    param_offsets=treedef.unflatten([jnp.asarray(start, jnp.int32) for start in starts]))
+
+
+def flat_vector(tree) -> jax.Array:
+  """The leaves of a tree of float32 arrays, raveled and concatenated in tree order: float32 (n,)."""
+  return jnp.concatenate([x.ravel() for x in jax.tree.leaves(tree)])
+
+
+def tree_from_flat(vector: jax.Array, offsets, like):
+  """Inverse of `flat_vector`: the tree like `like` whose leaves are read from vector at offsets (see TrainState)."""
+  return jax.tree.map(lambda x, start: jax.lax.dynamic_slice(vector, (start,), (x.size,)).reshape(x.shape),
+                      like, offsets)
+
+
+def apply_update(state: TrainState, grads, tx: optax.GradientTransformation, decay: jax.Array) -> TrainState:
+  """The next state: one optimizer step for `grads` (a tree like the params) and the EMA with `decay` in [0, 1].
+
+  The optimizer runs on flat vectors: a few kernels for all leaves, where per leaf XLA compiles several for each
+  distinct leaf shape (see TrainState); only the params' and the EMA's updates are per leaf.
+  """
+  updates, opt_state = tx.update(flat_vector(grads), state.opt_state, flat_vector(state.params))
+  params = optax.apply_updates(state.params, tree_from_flat(updates, state.param_offsets, state.params))
+  ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  return state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
 
 
 def example_randomness(rng: jax.Array, index: jax.Array, num_timesteps: int, image_shape: tuple[int, ...],
@@ -220,13 +256,12 @@ def make_train_step(config, model: nn.Module, tx: optax.GradientTransformation, 
     return jax.lax.pmean(jax.value_and_grad(loss_fn)(params), 'batch')
 
   def apply_gradients(state: TrainState, loss: jax.Array, grads) -> tuple[TrainState, dict]:
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     decay = ema_decay(config.training, state.step)
-    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'param_norm': optax.tree.norm(params),
-               'learning_rate': lr_schedule(state.step), 'ema_decay': decay}
-    return TrainState(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state), metrics
+    new_state = apply_update(state, grads, tx, decay)
+    metrics = {'loss': loss, 'grad_norm': jnp.linalg.norm(flat_vector(grads)),
+               'param_norm': jnp.linalg.norm(flat_vector(new_state.params)), 'learning_rate': lr_schedule(state.step),
+               'ema_decay': decay}
+    return new_state, metrics
 
   if accum_steps == 1:
     def step_fn(state, batch, rng):

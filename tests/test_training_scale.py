@@ -9,10 +9,13 @@ import subprocess
 import sys
 import types
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -254,6 +257,57 @@ def test_ema_equals_the_closed_form(tmp_path):
   assert jax.tree.leaves(state.ema_params)[0] is not jax.tree.leaves(state.params)[0]
 
 
+def test_update_on_flat_vectors_equals_optax_on_the_tree():
+  """apply_update (Adam's moments as flat vectors) against optax and the EMA on the params tree, for 3 steps of
+  warmup with gradient clipping active in some of them."""
+  config = tiny_config()
+  config.optim.warmup_steps, config.optim.grad_clip = 2, 3.0
+  tx = train.create_optimizer(config.optim)
+  rng = np.random.default_rng(0)
+  shapes = {'conv': {'kernel': (3, 3, 2, 4), 'bias': (4,)}, 'norm': {'scale': (4,), 'bias': (4,)}, 'out': (5, 3)}
+  draw = lambda scale: jax.tree.map(lambda s: (scale * rng.normal(size=s)).astype(np.float32), shapes,
+                                    is_leaf=lambda x: isinstance(x, tuple))
+  params = draw(1.0)
+  state = train.train_state_from_params(params, tx)
+  step = jax.jit(lambda state, grads, decay: train.apply_update(state, grads, tx, decay))
+  tree_params, tree_ema, tree_opt_state = params, params, tx.init(params)
+  for decay, scale in [(0.5, 0.1), (0.9, 10.0), (0.99, 1.0)]:
+    grads = draw(scale)
+    state = step(state, grads, decay)
+    updates, tree_opt_state = tx.update(grads, tree_opt_state, tree_params)
+    tree_params = optax.apply_updates(tree_params, updates)
+    tree_ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, tree_ema, tree_params)
+  assert int(state.step) == 3
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+  jax.tree.map(close, state.params, tree_params)
+  jax.tree.map(close, state.ema_params, tree_ema)
+  adam = tree_opt_state[1][0]
+  close(state.opt_state[1][0].mu, train.flat_vector(adam.mu))
+  close(state.opt_state[1][0].nu, train.flat_vector(adam.nu))
+  assert not np.allclose(state.params['out'], params['out'])
+
+
+def distinct_fusions(compiled_text: str) -> int:
+  """The computations of an optimized HLO module's fusions that differ in more than names and metadata."""
+  bodies = dict(re.findall(r'^%?([\w.\-]+) [^\n]*\{\n(.*?)\n}', compiled_text, re.M | re.S))
+  called = re.findall(r' fusion\(.*?calls=%?([\w.\-]+)', compiled_text)
+  strip = lambda body: re.sub(r'%[\w.\-]+|, metadata=\{[^}]*\}', '', body)
+  return len({strip(bodies[name]) for name in called})
+
+
+def test_leaves_of_one_shape_share_one_compiled_copy_out_of_a_flat_vector():
+  """With param_offsets as arguments, XLA compiles one copy per leaf shape; offsets as constants give one per leaf."""
+  like = {f'w{i}': np.ones((3, 5) if i % 2 else (7,), np.float32) for i in range(8)}
+  state = train.train_state_from_params(like, optax.sgd(0.1))
+  vector = train.flat_vector(like)
+  np.testing.assert_array_equal(train.tree_from_flat(vector, state.param_offsets, like)['w3'], like['w3'])
+  as_arguments = jax.jit(lambda v, offsets: train.tree_from_flat(v, offsets, like))
+  constants = jax.tree.map(int, state.param_offsets)
+  as_constants = jax.jit(lambda v: train.tree_from_flat(v, constants, like))
+  assert distinct_fusions(as_arguments.lower(vector, state.param_offsets).compile().as_text()) == 2
+  assert distinct_fusions(as_constants.lower(vector).compile().as_text()) == 8
+
+
 def test_batch_not_divisible_by_devices():
   config = tiny_config()
   config.training.batch_size = 6
@@ -272,6 +326,27 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
       handle.truncate(10)
   with pytest.raises(ValueError, match=r'Cannot restore the checkpoint at step 1 in .*checkpoints'):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+class TrainStateBeforeFlatMoments(flax.struct.PyTreeNode):
+  """The train state of checkpoints written before 2026-11-30: Adam's moments as trees like the params."""
+  step: jax.Array
+  params: dict
+  ema_params: dict
+  opt_state: tuple
+
+
+def test_checkpoint_with_per_leaf_adam_moments_is_a_clear_error(tmp_path):
+  config = tiny_config()
+  model, tx = unet_from_config(config.model), train.create_optimizer(config.optim)
+  state = train.create_train_state(config, model, tx, jax.random.key(0))
+  manager = train.checkpoint_manager(str(tmp_path))
+  manager.save(1, args=ocp.args.StandardSave(TrainStateBeforeFlatMoments(
+      step=state.step, params=state.params, ema_params=state.ema_params, opt_state=tx.init(state.params))))
+  manager.wait_until_finished()
+  abstract = train.abstract_train_state(config, model, tx, train.create_mesh())
+  with pytest.raises(ValueError, match=r'(?s)Cannot restore the checkpoint at step 1 in .*opt_state\[1\]\[0\]\.mu'):
+    train.restore_state(manager, abstract)
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
