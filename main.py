@@ -6,7 +6,7 @@
   python main.py --config=configs/default.py --workdir=runs/digits --mode=compare
   python main.py --config=configs/default.py --workdir=runs/digits --mode=eval
 """
-import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -32,23 +32,22 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(QuietLibraries())
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')  # TensorFlow only feeds data; JAX owns the accelerators.
-  from diffusion_jax import distributed, evaluate, sample, train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import evaluate, runtime, sample, train, xla_cpu  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.checks import ConfigError  # pylint: disable=g-import-not-at-top
+  modes = {'train': train.train_and_evaluate, 'sample': sample.sample_from_workdir,
+           'compare': sample.compare_from_workdir, 'interpolate': sample.interpolate_from_workdir,
+           'eval': evaluate.evaluate, 'reference_stats': evaluate.compute_reference_stats}
   config = FLAGS.config
   try:
-    distributed.configure_cpu_devices(config.num_cpu_devices,
-                                      (config.training.batch_size, config.sampling.batch_size), config.cpu_scheduler)
-    distributed.enable_compilation_cache(config.compilation_cache_dir)
-    distributed.initialize()
-    logging.info('Config:\n%s', FLAGS.config)
-    modes = {'train': train.train_and_evaluate, 'sample': sample.sample_from_workdir,
-             'compare': sample.compare_from_workdir, 'interpolate': sample.interpolate_from_workdir,
-             'eval': evaluate.evaluate,
-             'reference_stats': evaluate.compute_reference_stats}
-    modes[FLAGS.mode](FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from None
+    xla_cpu.set_flags(config)  # XLA:CPU's flags and devices, before JAX starts (they do nothing on accelerators).
+    runtime.initialize()
+    runtime.enable_compilation_cache(config.compilation_cache_dir)
+    xla_cpu.tune(config)  # On the CPU backend only.
+    runtime.log_devices()
+    logging.info('Config:\n%s', config)
+    modes[FLAGS.mode](config, FLAGS.workdir)
+  except ConfigError as e:  # The project's own: one line. Any other error keeps its traceback.
+    sys.exit(f'main.py: {e}')
 
 
 if __name__ == '__main__':

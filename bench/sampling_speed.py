@@ -8,7 +8,6 @@ times the measured DDIM-100 time (the same model calls, one per step) and marked
 Prints a markdown table with the date, machine and command.
 """
 import datetime
-import functools
 import importlib
 import os
 import platform
@@ -36,39 +35,37 @@ def cpu_name() -> str:
 
 def main(argv):
   del argv
-  from diffusion_jax import distributed  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import xla_cpu  # pylint: disable=g-import-not-at-top
   base = importlib.import_module('configs.default').get_config()  # CPU devices and scheduler are per process.
-  distributed.configure_cpu_devices(base.num_cpu_devices, (FLAGS.batch,), base.cpu_scheduler)
+  base.training.batch_size = base.sampling.batch_size = FLAGS.batch
+  xla_cpu.set_flags(base)
   import jax  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import sampling, train  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.models.unet import unet_from_config  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.schedules import schedule_from_config  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import experiment, runtime, sampling  # pylint: disable=g-import-not-at-top
 
-  mesh = train.create_mesh()
+  mesh = runtime.create_mesh()
   device = f'{jax.devices()[0].device_kind} x {mesh.size}'
   if jax.devices()[0].platform == 'cpu':
     device += f' ({cpu_name()}, {os.cpu_count()} cores)'
   rows = []
   for name in FLAGS.configs:
     config = importlib.import_module(f'configs.{name}').get_config()
-    model = unet_from_config(config.model)
-    schedule = schedule_from_config(config.diffusion)
-    init = functools.partial(train.create_train_state, config, model, train.create_optimizer(config.optim))
-    state = train.run_initializer(init, jax.random.key(0), mesh)
-    shape = (FLAGS.batch, config.data.image_size, config.data.image_size, config.data.channels)
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    config.training.batch_size = config.sampling.batch_size = FLAGS.batch
+    exp = experiment.build(config, mesh)
+    params = exp.init_params(jax.random.key(0))
+    shape = (FLAGS.batch, *exp.image_shape)
+    num_params = sum(x.size for x in jax.tree.leaves(params))
     T = config.diffusion.num_timesteps
     samplers = [(f'DDIM-{k}', sampling.Sampler('ddim', int(k), eta=0.0)) for k in FLAGS.ddim_steps]
     if not FLAGS.ddpm_estimate:
       samplers.append((f'DDPM-{T}', sampling.Sampler('ddpm', T)))
     seconds = {}
     for label, sampler in samplers:
-      sample_fn = train.make_sample_fn(model, schedule, sampler, shape, mesh)
-      jax.block_until_ready(sample_fn(state.params, jax.random.key(1), 0))  # Compile.
+      sample_fn = exp.sample_fn(sampler)
+      jax.block_until_ready(sample_fn(params, jax.random.key(1), 0))  # Compile.
       times = []
       for i in range(FLAGS.repeats):
         start = time.perf_counter()
-        jax.block_until_ready(sample_fn(state.params, jax.random.key(2 + i), 0))
+        jax.block_until_ready(sample_fn(params, jax.random.key(2 + i), 0))
         times.append(time.perf_counter() - start)
       seconds[label] = statistics.median(times)
       print(f'{name} {label}: {seconds[label]:.2f} s per batch of {FLAGS.batch}', flush=True)

@@ -73,24 +73,20 @@ def main(argv):
   del argv
   config = FLAGS.config
   config.training.grad_accum_steps = 1  # The whole batch as one compiled program: its FLOPs and its profile.
-  from diffusion_jax import distributed  # pylint: disable=g-import-not-at-top
-  distributed.configure_cpu_devices(config.num_cpu_devices, (config.training.batch_size, config.sampling.batch_size),
-                                    config.cpu_scheduler)
+  from diffusion_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  xla_cpu.set_flags(config)
+  xla_cpu.tune(config)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import sampling, train  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.models.unet import unet_from_config  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.schedules import schedule_from_config  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import experiment, sampling, train  # pylint: disable=g-import-not-at-top
 
-  mesh = train.create_mesh()
-  train.check_config(config, mesh.size)
-  model, tx = unet_from_config(config.model), train.create_optimizer(config.optim)
-  schedule = schedule_from_config(config.diffusion)
-  state = train.run_initializer(lambda k: train.create_train_state(config, model, tx, k), jax.random.key(0), mesh)
+  exp = experiment.build(config)
+  mesh = exp.mesh
+  state = exp.init_state(jax.random.key(0))
   batch_size, size, channels = config.training.batch_size, config.data.image_size, config.data.channels
   batch = train.shard_batch({'image': np.zeros((batch_size, size, size, channels), np.float32),
                              'label': np.zeros((batch_size,), np.int32)}, mesh)
-  step_fn = train.make_train_step(config, model, tx, schedule, mesh)
+  step_fn = train.make_train_step(exp).whole  # One program (grad_accum_steps=1).
   flops = step_fn.lower(state, batch, jax.random.key(1)).compile().cost_analysis().get('flops', 0.0) * mesh.size
   holder = [state]
 
@@ -112,11 +108,11 @@ def main(argv):
     print_profile(compiled_text, FLAGS.profile_dir, FLAGS.profile_top, seconds)
   if FLAGS.sample_steps:
     sampler = sampling.Sampler('ddim', FLAGS.sample_steps, eta=config.sampling.eta)
-    shape = (config.sampling.batch_size, size, size, channels)
-    sample_fn = train.make_sample_fn(model, schedule, sampler, shape, mesh)
+    sample_fn = exp.sample_fn(sampler)
     seconds = median_seconds(lambda: jax.block_until_ready(sample_fn(holder[0].ema_params, jax.random.key(2), 0)),
                              max(1, FLAGS.steps // 5))
-    print(f'DDIM-{FLAGS.sample_steps}, batch {shape[0]}: {seconds:.2f} s ({shape[0] / seconds:.2f} images/s)')
+    n = config.sampling.batch_size
+    print(f'DDIM-{FLAGS.sample_steps}, batch {n}: {seconds:.2f} s ({n / seconds:.2f} images/s)')
 
 
 if __name__ == '__main__':

@@ -61,7 +61,7 @@ def memory() -> dict:
 
 
 def release_freed_memory() -> None:
-  """glibc's malloc_trim(0), as diffusion_jax.distributed.release_freed_memory (this file imports no project code)."""
+  """glibc's malloc_trim(0), as diffusion_jax.xla_cpu.release_freed_memory (this file imports no project code)."""
   try:
     ctypes.CDLL(None).malloc_trim(0)
   except (OSError, AttributeError):  # Not glibc.

@@ -37,7 +37,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_worker  # pylint: disable=g-import-not-at-top,wrong-import-position  # bench/torch_worker.py: the protocol.
-from diffusion_jax import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
+from diffusion_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['cifar10', 'mnist'], 'Config names under configs/ (e.g. cifar10, mnist, default).')
@@ -51,7 +51,7 @@ flags.DEFINE_string('torch_python', '/tmp/torchenv/bin/python', 'Python of the s
 flags.DEFINE_string('torch_device', 'auto', 'auto (cuda if available, else cpu), cpu or cuda.')
 flags.DEFINE_integer('num_cpu_devices', None, 'JAX CPU devices (default: the config\'s num_cpu_devices; -1: one '
                      'per core dividing the batch). Ignored on accelerators.')
-flags.DEFINE_enum('cpu_scheduler', None, distributed.CPU_SCHEDULERS,
+flags.DEFINE_enum('cpu_scheduler', None, xla_cpu.SCHEDULERS,
                   'XLA:CPU op scheduler of the JAX side (default: the config\'s cpu_scheduler).')
 flags.DEFINE_integer('grad_accum_steps', 0, 'training.grad_accum_steps of the JAX train step: the same update from '
                      'this many micro-batches; 0: the project\'s automatic choice (on a CPU, micro-batches of 16 for '
@@ -148,50 +148,43 @@ class JaxBench:
       config.num_cpu_devices = r['num_cpu_devices']
     if r['cpu_scheduler'] is not None:
       config.cpu_scheduler = r['cpu_scheduler']
-    distributed.configure_cpu_devices(config.num_cpu_devices, (batch,), config.cpu_scheduler)
+    xla_cpu.set_flags(config)
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-    from diffusion_jax import sampling, train  # pylint: disable=g-import-not-at-top
-    from diffusion_jax.models.unet import unet_from_config  # pylint: disable=g-import-not-at-top
-    from diffusion_jax.schedules import schedule_from_config  # pylint: disable=g-import-not-at-top
+    from diffusion_jax import experiment, sampling, train  # pylint: disable=g-import-not-at-top
+    xla_cpu.tune(config)
     self.jax = jax
 
-    mesh = train.create_mesh()
-    train.check_config(config, mesh.size)
-    model, tx = unet_from_config(config.model), train.create_optimizer(config.optim)
-    schedule = schedule_from_config(config.diffusion)
+    exp = experiment.build(config)
+    mesh, model, schedule = exp.mesh, exp.model, exp.schedule
     op = r['op_name']
-    init = functools.partial(train.create_train_state, config, model, tx)
     if op == 'train':
-      state = train.run_initializer(init, jax.random.key(r['seed']), mesh)
+      state = exp.init_state(jax.random.key(r['seed']))
       model_params = state.params
     else:  # The forward and the samplers hold only the params, as the PyTorch side then holds only the model.
-      model_params = train.run_initializer(lambda k: init(k).params, jax.random.key(r['seed']), mesh)
+      model_params = exp.init_params(jax.random.key(r['seed']))
     params = sum(x.size for x in jax.tree.leaves(model_params))
     size, channels = config.data.image_size, config.data.channels
     rng = np.random.default_rng(r['seed'] + 1)
     images = rng.uniform(-1, 1, (batch, size, size, channels)).astype(np.float32)
     batch_sharding = NamedSharding(mesh, P('batch'))
-    forward = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t, train=False),
-                      compiler_options=distributed.forward_compiler_options())  # As the samplers.
+    forward = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t, train=False))
     reply = {}
     start = time.perf_counter()
     if op == 'train':
       host_batch = {'image': images, 'label': np.zeros((batch,), np.int32)}
-      accum_steps = train.grad_accum_steps(config.training, mesh)
-      whole_batch = config.copy_and_resolve_references()
-      whole_batch.training.grad_accum_steps = 1
-      lowered = train.make_train_step(whole_batch, model, tx, schedule, mesh).lower(
-          state, train.shard_batch(host_batch, mesh), jax.random.key(1))
+      accum_steps = exp.grad_accum_steps
       data = train.shard_batch(host_batch, mesh, accum_steps)
-      if accum_steps == 1:
-        train_step = lowered.compile()
-        # Per-device cost of the shard_map'ed step, times the devices (as bench/throughput.py).
+      train_step = train.make_train_step(exp)
+      if accum_steps == 1:  # Per-device cost of the shard_map'ed step, times the devices (as bench/throughput.py).
+        train_step = train_step.whole.lower(state, data, jax.random.key(1)).compile()
         flops = train_step.cost_analysis().get('flops', 0.0) * mesh.size
-      else:  # The same update from micro-batches: jitted micro-steps, compiled by a first call.
-        flops = lowered.cost_analysis().get('flops', 0.0) * mesh.size  # The whole batch's, before XLA's passes.
-        train_step = train.make_train_step(config, model, tx, schedule, mesh)
+      else:  # The same update from micro-batches, compiled by a first call; the FLOPs of the whole batch's step.
+        whole_batch = config.copy_and_resolve_references()
+        whole_batch.training.grad_accum_steps = 1
+        flops = train.make_train_step(experiment.build(whole_batch, mesh)).whole.lower(
+            state, train.shard_batch(host_batch, mesh), jax.random.key(1)).cost_analysis().get('flops', 0.0) * mesh.size
         state, _ = jax.block_until_ready(train_step(state, data, jax.random.key(1)))
       reply['grad_accum_steps'] = accum_steps
       holder = [state]
@@ -214,7 +207,7 @@ class JaxBench:
       else:
         sampler = sampling.Sampler('ddpm', schedule.num_timesteps, variance='fixedlarge', clip_x0=s.clip_x0)
       shape = (batch, size, size, channels)
-      sample_fn = train.make_sample_fn(model, schedule, sampler, shape, mesh)
+      sample_fn = exp.sample_fn(sampler)
       args = (model_params, jax.random.key(2), np.int32(0))
       compiled = sample_fn.lower(*args).compile()
       timesteps, prev_timesteps = sampler.timesteps(schedule.num_timesteps)
@@ -265,7 +258,7 @@ def jax_worker_main() -> None:
   # Import the frameworks before saying hello, so that its RSS is that of a started process (no backend yet:
   # the build request still chooses the number of CPU devices).
   import jax  # pylint: disable=g-import-not-at-top,unused-import
-  from diffusion_jax import sampling, train  # pylint: disable=g-import-not-at-top,unused-import
+  from diffusion_jax import experiment, sampling, train  # pylint: disable=g-import-not-at-top,unused-import
   bench = JaxBench()
   torch_worker.serve({'build': bench.build, 'run': bench.run, 'reset_peak': bench.reset_peak,
                       'memory': bench.memory}, {'python': sys.version.split()[0], 'memory': torch_worker.memory()})

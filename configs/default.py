@@ -14,8 +14,8 @@ def get_config():
   # accelerators.
   config.num_cpu_devices = 1
   # XLA:CPU's op scheduler: memory_optimized (a 10-26% lower peak than XLA's default for a train step, as fast
-  # for the MNIST-scale and CIFAR-10 models, 3% slower for the demo's; README "Benchmarks") | default |
-  # concurrency_optimized.
+  # for the MNIST-scale and CIFAR-10 models, 3% slower for the demo's; docs/performance.md) | default |
+  # concurrency_optimized. Ignored on accelerators.
   config.cpu_scheduler = 'memory_optimized'
   # Compiled programs are kept here, so that a restart (resume, sample, eval) does not compile again.
   config.compilation_cache_dir = '~/.cache/diffusion_jax/jax'

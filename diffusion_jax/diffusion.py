@@ -8,22 +8,11 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.checks import check_choice
 from diffusion_jax.schedules import Schedule
 
 PARAMETERIZATIONS = ('eps', 'x0', 'v')
 LOSS_TYPES = ('mse', 'l1', 'huber')
-
-
-def check_choice(kind: str, value: str, allowed) -> None:
-  """Raises a ValueError naming `value` and the allowed choices when it is not one of them."""
-  if value not in allowed:
-    raise ValueError(f'Unknown {kind} {value!r}; choose one of {sorted(allowed)}.')
-
-
-def check_positive_int(name: str, value) -> None:
-  """Raises a ValueError naming the setting when `value` is not a positive integer (bools are not)."""
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-    raise ValueError(f'{name} must be a positive integer, got {value!r}.')
 
 
 def expand_to(a: jax.Array, ndim: int) -> jax.Array:

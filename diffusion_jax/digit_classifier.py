@@ -35,6 +35,8 @@ import optax
 import scipy.special
 
 from diffusion_jax import input_pipeline, metrics
+from diffusion_jax.checks import ConfigError
+from diffusion_jax.images import pad_batch, to_float
 
 VERSION = 'digit-cnn-v1'  # Change with the architecture, the data split or the training recipe.
 IMAGE_SHAPE = (28, 28, 1)
@@ -74,8 +76,8 @@ def check_digit_images(images, what: str = 'images') -> np.ndarray:
   """images as a uint8 array (N, 28, 28, 1) with N >= 1; a ValueError naming the expected shape otherwise."""
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE or not len(images):
-    raise ValueError(f'{what}: the digit classifier takes uint8 images of shape (N, 28, 28, 1) in [0, 255] (as in '
-                     f'samples.npz of a 28x28 grayscale run), got {images.dtype} {images.shape}.')
+    raise ConfigError(f'{what}: the digit classifier takes uint8 images of shape (N, 28, 28, 1) in [0, 255] (as in '
+                      f'samples.npz of a 28x28 grayscale run), got {images.dtype} {images.shape}.')
   return images
 
 
@@ -98,11 +100,6 @@ def digit_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def held_out_digits() -> tuple[np.ndarray, np.ndarray]:
   """The 1,000 held-out real digits: uint8 images (1000, 28, 28, 1) and int32 labels (1000,), 100 per class."""
   return digit_splits()['held_out']
-
-
-def to_float(images) -> jax.Array:
-  """uint8 [0, 255] -> float32 [-1, 1], the scale of the diffusion models' data."""
-  return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
 
 
 def random_shift(rng: jax.Array, images: jax.Array) -> jax.Array:
@@ -134,8 +131,7 @@ def features_and_logits(classifier: ClassifierParams, images) -> tuple[np.ndarra
   outputs = []
   for start in range(0, len(images), EVAL_BATCH):
     batch = images[start:start + EVAL_BATCH]
-    padded = np.concatenate([batch, np.zeros((EVAL_BATCH - len(batch),) + IMAGE_SHAPE, np.uint8)])  # One shape.
-    features, logits = _apply(classifier.params, padded)
+    features, logits = _apply(classifier.params, pad_batch(batch, EVAL_BATCH))
     outputs.append((np.asarray(features)[:len(batch)], np.asarray(logits)[:len(batch)]))
   return np.concatenate([f for f, _ in outputs]), np.concatenate([l for _, l in outputs])
 
@@ -151,7 +147,7 @@ def train_classifier(seed: int = 0, num_steps: int = DEFAULT_STEPS) -> Classifie
   Deterministic for a seed on one backend.
   """
   if num_steps < 1:
-    raise ValueError(f'num_steps must be >= 1, got {num_steps}.')
+    raise ConfigError(f'num_steps must be >= 1, got {num_steps}.')
   splits = digit_splits()
   train_images, train_labels = splits['train']
   model, tx = DigitCNN(), optax.adamw(optax.cosine_decay_schedule(2e-3, num_steps), weight_decay=1e-4)
@@ -204,7 +200,7 @@ def load_classifier(path: str) -> ClassifierParams:
   with np.load(path) as data:
     version = str(data['version']) if 'version' in data.files else None
     if version != VERSION:
-      raise ValueError(f'{path} holds digit classifier version {version!r}, not {VERSION!r}.')
+      raise ConfigError(f'{path} holds digit classifier version {version!r}, not {VERSION!r}.')
     flat = {k[len('params/'):]: jnp.asarray(data[k]) for k in data.files if k.startswith('params/')}
     accuracy = float(data['held_out_accuracy'])
   return ClassifierParams(flax.traverse_util.unflatten_dict(flat, sep='/'), accuracy)
@@ -253,7 +249,7 @@ def digit_metrics(classifier: ClassifierParams, samples, reference,
   if labels is not None:
     labels = np.asarray(labels)
     if labels.shape != predicted.shape or not np.issubdtype(labels.dtype, np.integer):
-      raise ValueError(f'labels: expected integers of shape {predicted.shape} (one per sample), got {labels.dtype} '
-                       f'{labels.shape}.')
+      raise ConfigError(f'labels: expected integers of shape {predicted.shape} (one per sample), got {labels.dtype} '
+                        f'{labels.shape}.')
     result['accuracy_vs_labels'] = float(np.mean(predicted == labels))
   return result

@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion_jax import digit_classifier, distributed, input_pipeline, likelihood, metrics, sample, train
-from diffusion_jax.diffusion import check_positive_int
+from diffusion_jax.checks import ConfigError, MissingFileError, check_positive_int
+from diffusion_jax import digit_classifier, generation, input_pipeline, likelihood, metrics, sample
 from diffusion_jax.models import inception
-from diffusion_jax.schedules import schedule_from_config
+from diffusion_jax.images import pad_batch
 
 with epy.lazy_imports():  # Loads TensorFlow (0.6 GiB): only when the results are written.
   from clu import metric_writers
@@ -40,12 +40,12 @@ def feature_kind(config) -> str:
   """eval.features, with 'auto' meaning digits for 28x28x1 images and inception otherwise."""
   kind = config.eval.features
   if kind not in FEATURES:
-    raise ValueError(f'Unknown eval.features {kind!r}; choose one of {list(FEATURES)}.')
+    raise ConfigError(f'Unknown eval.features {kind!r}; choose one of {list(FEATURES)}.')
   if kind == 'auto':
     return 'digits' if (config.data.image_size, config.data.channels) == (28, 1) else 'inception'
   if kind == 'digits' and (config.data.image_size, config.data.channels) != (28, 1):
-    raise ValueError(f'eval.features=digits needs 28x28 grayscale images; this config makes '
-                     f'{config.data.image_size}x{config.data.image_size}x{config.data.channels}: use inception.')
+    raise ConfigError(f'eval.features=digits needs 28x28 grayscale images; this config makes '
+                      f'{config.data.image_size}x{config.data.image_size}x{config.data.channels}: use inception.')
   return kind
 
 
@@ -61,21 +61,19 @@ def load_inception(config):
   """The FID Inception variables; a missing eval.inception_weights is a FileNotFoundError saying what to do."""
   path = config.eval.inception_weights
   if not path:
-    raise FileNotFoundError('FID and IS need the FID Inception weights: set --config.eval.inception_weights=FILE.npz. '
-                            + inception.HOW_TO_CONVERT)
+    raise MissingFileError('FID and IS need the FID Inception weights: set --config.eval.inception_weights=FILE.npz. '
+                           + inception.HOW_TO_CONVERT)
   return inception.load_inception_params(path)
 
 
 def inception_features(variables, batches: Iterator[np.ndarray], batch_size: int,
                        total: int) -> tuple[metrics.StatisticsAccumulator, np.ndarray]:
   """Pool3 statistics and the logits (N, 1008) of uint8 image batches; batches are padded to batch_size."""
-  apply = jax.jit(lambda v, x: inception.InceptionV3().apply(v, x),
-                  compiler_options=distributed.forward_compiler_options())
+  apply = jax.jit(lambda v, x: inception.InceptionV3().apply(v, x))
   accumulator, logits, done = metrics.StatisticsAccumulator(), [], 0
   for images in batches:
     n = len(images)
-    padded = np.concatenate([images, np.repeat(images[-1:], batch_size - n, 0)]) if n < batch_size else images
-    features, batch_logits = jax.device_get(apply(variables, jnp.asarray(padded, jnp.float32)))
+    features, batch_logits = jax.device_get(apply(variables, jnp.asarray(pad_batch(images, batch_size), jnp.float32)))
     accumulator.update(features[:n])
     logits.append(batch_logits[:n])
     done += n
@@ -97,8 +95,8 @@ def dataset_batches(data: input_pipeline.Data, batch_size: int, total: int) -> I
 def compute_reference_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Saves the Inception statistics of the dataset's training images; returns the file's path."""
   if feature_kind(config) == 'digits':
-    raise ValueError('eval.features=digits compares against the held-out real digits and needs no reference '
-                     'statistics; use --config.eval.features=inception to make Inception statistics.')
+    raise ConfigError('eval.features=digits compares against the held-out real digits and needs no reference '
+                      'statistics; use --config.eval.features=inception to make Inception statistics.')
   limit = config.eval.reference_images
   if limit != -1:
     check_positive_int('eval.reference_images (or -1 for all)', limit)
@@ -124,24 +122,21 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check_positive_int('eval.batch_size', e.batch_size)
   kind = feature_kind(config)
   if e.bpd_images and config.model.num_classes:
-    raise ValueError('eval.bpd_images is for unconditional models: the bound of a conditional model needs labels.')
+    raise ConfigError('eval.bpd_images is for unconditional models: the bound of a conditional model needs labels.')
   # Everything that can be missing is checked before the long sampling.
   if kind == 'inception':
     reference_path = reference_stats_path(config, workdir)
     if not os.path.exists(reference_path):
-      raise FileNotFoundError(f'No reference statistics at {reference_path}: make them with --mode=reference_stats '
-                              f'(same --config and --workdir), or set --config.eval.reference_stats=FILE.')
+      raise MissingFileError(f'No reference statistics at {reference_path}: make them with --mode=reference_stats '
+                             f'(same --config and --workdir), or set --config.eval.reference_stats=FILE.')
     reference = metrics.load_statistics(reference_path, 'inception_pool3')
     variables = load_inception(config)
   else:
     classifier = digit_classifier.load_or_train_classifier(e.get('classifier_cache'))
-  restored = sample.restore(config, workdir)
-  step = int(restored.state.step)
-  params = restored.params(config.sampling.use_ema)
-  sample_fn = train.sample_fn_from_config(config, restored.model, restored.mesh)
+  exp, params, step = sample.restore(config, workdir)
   logging.info('Evaluating step %d on %d samples (%s).', step, e.num_samples, sample.run_name(config))
-  samples = train.generate(sample_fn, params, jax.random.key(config.sampling.seed), e.num_samples,
-                           config.sampling.batch_size, log_progress=True)
+  samples = generation.generate(exp.sample_fn(), params, jax.random.key(config.sampling.seed), e.num_samples,
+                                config.sampling.batch_size, log_progress=True)
 
   results = {'step': step, 'num_samples': e.num_samples, 'sampler': sample.run_name(config), 'features': kind,
              'date': datetime.datetime.now().isoformat(timespec='seconds')}
@@ -155,7 +150,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     digits = digit_classifier.digit_metrics(classifier, samples, real, sample.sample_labels(config, e.num_samples))
     results.update({k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in digits.items()})
   if e.bpd_images:
-    results['bits_per_dim'] = training_bits_per_dim(config, restored.model, params, e.bpd_images)
+    results['bits_per_dim'] = training_bits_per_dim(config, exp, params, e.bpd_images)
 
   if jax.process_index() == 0:
     path = os.path.join(workdir, 'eval', f'{sample.run_name(config)}_step{step}.json')
@@ -169,14 +164,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def training_bits_per_dim(config, model, params, num_images: int) -> float:
+def training_bits_per_dim(config, exp, params, num_images: int) -> float:
   """The variational bound in bits/dim of the first num_images training images (all T terms each)."""
   data = input_pipeline.load_dataset(config.data)
   if num_images > len(data):
-    raise ValueError(f'eval.bpd_images={num_images} but the dataset has {len(data)} images.')
+    raise ConfigError(f'eval.bpd_images={num_images} but the dataset has {len(data)} images.')
   images = np.concatenate(list(dataset_batches(data, config.eval.batch_size, num_images)))
-  model_fn = jax.jit(lambda x, t: model.apply({'params': params}, x, t, train=False))
-  return likelihood.dataset_bits_per_dim(model_fn, schedule_from_config(config.diffusion), images,
+  model_fn = jax.jit(lambda x, t: exp.model.apply({'params': params}, x, t, train=False))
+  return likelihood.dataset_bits_per_dim(model_fn, exp.schedule, images,
                                          config.eval.batch_size, jax.random.key(config.seed),
                                          variance=config.sampling.variance,
                                          parameterization=config.diffusion.parameterization)

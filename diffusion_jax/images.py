@@ -1,9 +1,26 @@
-"""Writing pictures: image grids, denoising chains and labelled comparisons as PNG and GIF (uint8 in, files out)."""
+"""Images: the uint8 <-> [-1, 1] conversions, padding a batch, and pictures (grids, chains, labelled rows) as PNG/GIF."""
 import math
 import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+
+def to_float(images):
+  """uint8 [0, 255] -> float32 [-1, 1], for NumPy or JAX arrays (the model's input range)."""
+  return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def to_uint8(images) -> np.ndarray:
+  """float [-1, 1] -> uint8 [0, 255] NumPy array, rounding and clipping."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def pad_batch(batch: np.ndarray, size: int) -> np.ndarray:
+  """batch (n, ...) with n <= size, padded to (size, ...) by repeating its last row (one shape: no recompilation)."""
+  if len(batch) == size:
+    return batch
+  return np.concatenate([batch, np.repeat(batch[-1:], size - len(batch), axis=0)])
 
 
 def make_grid(images: np.ndarray, ncols: int | None = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:

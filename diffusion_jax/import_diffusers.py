@@ -8,36 +8,38 @@ model_dir is a folder with config.json and diffusion_pytorch_model.safetensors, 
 https://huggingface.co/google/ddpm-cifar10-32 (the official weights of Ho et al., ported by diffusers).
 The imported weights become both the params and the EMA params of a step-0 checkpoint.
 """
+import sys
+
 from absl import app, flags, logging
-import jax
 import ml_collections
 from ml_collections import config_flags
-import orbax.checkpoint as ocp
 
-from diffusion_jax import train
+from diffusion_jax import checkpoints, experiment
+from diffusion_jax.checks import ConfigError
 from diffusion_jax.models.convert import load_diffusers_unet
+from diffusion_jax.train_state import TrainState
 
 FLAGS = flags.FLAGS
 
 
-def import_to_workdir(config: ml_collections.ConfigDict, model_dir: str, workdir: str) -> train.TrainState:
+def import_to_workdir(config: ml_collections.ConfigDict, model_dir: str, workdir: str) -> TrainState:
   """Writes a step-0 checkpoint of the diffusers model into a new workdir; config must describe the same model."""
   _, params, model_config, data_config = load_diffusers_unet(model_dir)
   imported = ml_collections.ConfigDict(config.to_dict())
   imported.model.update(model_config)
   imported.data.update(data_config)
-  wanted, found = train.architecture(config), train.architecture(imported)
+  wanted, found = checkpoints.architecture(config), checkpoints.architecture(imported)
   differences = {k: (wanted[k], found[k]) for k in wanted if wanted[k] != found[k]}
   if differences:
-    raise ValueError(f'The config does not describe the model in {model_dir}; (config, checkpoint): {differences}.')
-  mesh = train.create_mesh()
-  manager = train.checkpoint_manager(workdir)
+    raise ConfigError(f'The config does not describe the model in {model_dir}; (config, checkpoint): {differences}.')
+  exp = experiment.build(config)
+  manager = checkpoints.manager(workdir)
   if manager.latest_step() is not None:
-    raise ValueError(f'{workdir} already holds checkpoints; import into a new workdir.')
-  train.check_workdir_config(config, workdir)
-  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  state = train.train_state_from_params(params, train.create_optimizer(config.optim))
-  manager.save(0, args=ocp.args.StandardSave(state))
+    raise ConfigError(f'{workdir} already holds checkpoints; import into a new workdir.')
+  checkpoints.check_workdir_config(config, workdir)
+  checkpoints.write_workdir_config(config, workdir)
+  state = exp.state_from_params(params)
+  checkpoints.save(manager, state)
   manager.wait_until_finished()
   logging.info('Imported %s into %s (step 0).', model_dir, workdir)
   return state
@@ -47,8 +49,8 @@ def main(argv):
   del argv
   try:
     import_to_workdir(FLAGS.config, FLAGS.model_dir, FLAGS.workdir)
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from None
+  except ConfigError as e:
+    sys.exit(f'import_diffusers: {e}')
 
 
 if __name__ == '__main__':

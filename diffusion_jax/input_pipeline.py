@@ -21,9 +21,8 @@ host h of n reads (and decodes) only its contiguous 1/n slice of each global bat
 at step s, or running on more hosts or devices, sees exactly the same examples, whether the
 source is in memory or read by random access.
 
-TensorFlow (0.6 GiB of memory) is imported on first use, so that code that needs only the datasets'
-names and image conversions (sampling from Python, the benchmarks) does without it. main.py imports
-it at start all the same, to hide the GPUs from it.
+TensorFlow (0.6 GiB of memory) is imported on first use (`tensorflow()`), with the GPUs hidden from it:
+training from a TFDS or tf.data source needs it, sampling and the benchmarks do not.
 """
 from __future__ import annotations
 
@@ -42,13 +41,11 @@ import weakref
 
 from absl import logging
 import numpy as np
-from etils import epy
 from PIL import Image, ImageOps
 
-with epy.lazy_imports():
-  import tensorflow as tf
+from diffusion_jax import images as images_lib
+from diffusion_jax.checks import ConfigError, check_positive_int
 
-from diffusion_jax.diffusion import check_positive_int
 
 LSUN_CATEGORIES = (
     'airplane', 'bedroom', 'bicycle', 'bird', 'boat', 'bottle', 'bridge', 'bus', 'car', 'cat', 'chair',
@@ -59,6 +56,14 @@ LSUN_CATEGORIES = (
 CELEBA_BOX = (25, 57, 153, 185)
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 LOAD_CHUNK = 1024  # Examples decoded and resized at a time while loading a TFDS dataset into memory.
+
+
+@functools.cache
+def tensorflow():
+  """TensorFlow, imported on first use with the GPUs hidden from it: it only feeds data, JAX owns the accelerators."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
+  return tf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +86,7 @@ TFDS_DATASETS = {
 DATASETS = ('digits',) + tuple(TFDS_DATASETS) + ('folder',)
 
 
-class DatasetError(ValueError):
+class DatasetError(ConfigError):
   """A dataset that cannot be loaded: the message says what is missing and what to do."""
 
 
@@ -134,6 +139,7 @@ class RandomAccessData:
     def read_numpy(index, flip):
       image = decode_image(self.source[int(index)]['image'], self.image_size, self.channels)
       return np.ascontiguousarray(image[:, ::-1]) if flip else image
+    tf = tensorflow()
     image = tf.numpy_function(read_numpy, [index, flip], tf.uint8, stateful=False)
     return tf.ensure_shape(image, self.image_shape), tf.constant(0, tf.int32)
 
@@ -152,8 +158,8 @@ def read_images(data: Data, indices: np.ndarray) -> np.ndarray:
 def check_dataset_name(name: str) -> None:
   if name not in DATASETS:
     names = sorted({'lsun/CATEGORY' if n.startswith('lsun/') else n for n in DATASETS})
-    raise ValueError(f'Unknown dataset {name!r}; choose one of {names} (LSUN categories: '
-                     f'{", ".join(LSUN_CATEGORIES)}).')
+    raise ConfigError(f'Unknown dataset {name!r}; choose one of {names} (LSUN categories: '
+                      f'{", ".join(LSUN_CATEGORIES)}).')
 
 
 @functools.lru_cache(maxsize=None)
@@ -239,6 +245,7 @@ def prepare_tfds(builder, name: str, random_access: bool, download: bool) -> Non
 
 def load_tfds(name: str, data_config) -> Data:
   """A TFDS training split at data.image_size: in memory, or by random access for the 256px datasets."""
+  tf = tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   source = TFDS_DATASETS[name]
   builder = tfds.builder(source.name, data_dir=data_config.get('data_dir'))
@@ -270,6 +277,7 @@ def list_image_files(folder: str, class_subfolders: bool) -> tuple[list[str], li
   Hidden files and folders (names starting with '.') are left out. The classes are the top-level
   subfolders that hold images when `class_subfolders`, and none otherwise or for a flat folder.
   """
+  tf = tensorflow()
   paths, others = [], 0
   for directory, subdirs, files in tf.io.gfile.walk(folder):
     subdirs[:] = [d.rstrip('/') for d in subdirs if not d.startswith('.')]  # Prunes the walk.
@@ -294,6 +302,7 @@ def list_image_files(folder: str, class_subfolders: bool) -> tuple[list[str], li
 
 def read_image_file(path: str, size: int, channels: int) -> Union[np.ndarray, Exception]:
   """The image file at path as uint8 (size, size, channels), or the exception that reading it raised."""
+  tf = tensorflow()
   try:
     with tf.io.gfile.GFile(path, 'rb') as f:
       return decode_image(f.read(), size, channels)
@@ -303,6 +312,7 @@ def read_image_file(path: str, size: int, channels: int) -> Union[np.ndarray, Ex
 
 def load_image_folder(folder: Optional[str], size: int, channels: int, class_subfolders: bool) -> ImageData:
   """Every PNG/JPEG file under `folder`, decoded and resized once; a file that fails is an error naming it."""
+  tf = tensorflow()
   if not folder:
     raise DatasetError("data.dataset='folder' needs data.folder, a directory of PNG/JPEG files: set "
                        '--config.data.folder=PATH.')
@@ -331,7 +341,7 @@ def load_image_folder(folder: Optional[str], size: int, channels: int, class_sub
 
 def check_channels(name: str, channels: int, wanted: int) -> None:
   if channels != wanted:
-    raise ValueError(f'Dataset {name!r} has {channels} channels but data.channels={wanted}.')
+    raise ConfigError(f'Dataset {name!r} has {channels} channels but data.channels={wanted}.')
 
 
 def load_dataset(data_config) -> Data:
@@ -341,7 +351,7 @@ def load_dataset(data_config) -> Data:
   size = data_config.image_size
   check_positive_int('data.image_size', size)
   if data_config.channels not in (1, 3):
-    raise ValueError(f'data.channels must be 1 (grayscale) or 3 (RGB), got {data_config.channels!r}.')
+    raise ConfigError(f'data.channels must be 1 (grayscale) or 3 (RGB), got {data_config.channels!r}.')
   if name == 'folder':
     return load_image_folder(data_config.get('folder'), size, data_config.channels,
                              data_config.get('folder_labels', True))
@@ -379,16 +389,6 @@ def host_positions(step: int, global_batch: int, process_index: int, process_cou
   return np.arange(start, start + local, dtype=np.int64)
 
 
-def to_float(images: tf.Tensor) -> tf.Tensor:
-  """uint8 [0, 255] -> float32 [-1, 1]."""
-  return tf.cast(images, tf.float32) / 127.5 - 1.0
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """float [-1, 1] -> uint8 [0, 255], rounding and clipping."""
-  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 _open_iterators = weakref.WeakSet()
 
 
@@ -414,8 +414,9 @@ def close_at_exit(iterator: Iterator) -> Iterator:
 def create_iterator(data: Data, global_batch: int, seed: int, start_step: int = 0, random_flip: bool = False,
                     process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Yields this host's batches {'image': float32 (b, H, W, C) in [-1, 1], 'label': int32 (b,)} from start_step."""
+  tf = tensorflow()
   if global_batch % process_count:
-    raise ValueError(f'batch size {global_batch} is not divisible by the {process_count} processes.')
+    raise ConfigError(f'batch size {global_batch} is not divisible by the {process_count} processes.')
   local, size = global_batch // process_count, len(data)
 
   random_access = isinstance(data, RandomAccessData)
@@ -440,9 +441,8 @@ def create_iterator(data: Data, global_batch: int, seed: int, start_step: int = 
     signature = (tf.TensorSpec((local, *data.image_shape), tf.uint8), tf.TensorSpec((local,), tf.int32))
     ds = tf.data.Dataset.from_generator(host_batches, output_signature=signature)
     options.threading.private_threadpool_size = 2  # Leave the cores to JAX: a batch is a cheap gather.
-  ds = ds.map(lambda images, labels: {'image': to_float(images), 'label': labels}, num_parallel_calls=2,
-              deterministic=True).prefetch(2).with_options(options)
+  numpy_batches = ds.prefetch(2).with_options(options).as_numpy_iterator()
   logging.info('Dataset %s: %d images of %s, %d classes; %.1f global batches of %d per epoch.', data.name, size,
                data.image_shape, data.num_classes, size / global_batch, global_batch)
-  return close_at_exit(ds.as_numpy_iterator())
+  return close_at_exit({'image': images_lib.to_float(images), 'label': labels} for images, labels in numpy_batches)
 

@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import distributed
-from diffusion_jax.diffusion import check_choice, gather, q_posterior, q_sample
-from diffusion_jax.sampling import VARIANCES, check_concrete_range, predict_x0_eps
+from diffusion_jax.checks import ConfigError, check_choice, check_concrete_range, check_positive_int
+from diffusion_jax.diffusion import gather, q_posterior, q_sample
+from diffusion_jax.images import pad_batch, to_float
+from diffusion_jax.sampling import VARIANCES, predict_x0_eps
 from diffusion_jax.schedules import Schedule
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -65,7 +66,7 @@ def mean_bits(nats: jax.Array) -> jax.Array:
 def check_images(x0: jax.Array) -> None:
   """Raises a ValueError unless x0 has a batch axis and (when concrete) lies in [-1, 1]."""
   if jnp.ndim(x0) < 2:
-    raise ValueError(f'x0 must have shape (B, H, W, C) or at least (B, D), got {jnp.shape(x0)}.')
+    raise ConfigError(f'x0 must have shape (B, H, W, C) or at least (B, D), got {jnp.shape(x0)}.')
   check_concrete_range('x0 (images scaled to [-1, 1])', x0, -1, 1, high_inclusive=True)
 
 
@@ -145,17 +146,15 @@ def dataset_bits_per_dim(model_fn: ModelFn, schedule: Schedule, images: np.ndarr
   """
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim < 2 or len(images) == 0:
-    raise ValueError(f'images must be a non-empty uint8 array (N, H, W, C), got {images.dtype} {images.shape}.')
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f'batch_size must be a positive integer, got {batch_size!r}.')
+    raise ConfigError(f'images must be a non-empty uint8 array (N, H, W, C), got {images.dtype} {images.shape}.')
+  check_positive_int('batch_size', batch_size)
   batch_size = min(batch_size, len(images))
   total_fn = jax.jit(lambda x0, key: bits_per_dim(model_fn, schedule, x0, key, variance, parameterization,
-                                                  clip_x0)[0], compiler_options=distributed.forward_compiler_options())
+                                                  clip_x0)[0])
   total, done = 0.0, 0
   for i, start in enumerate(range(0, len(images), batch_size)):
     batch = images[start:start + batch_size]
-    padded = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), axis=0)])
-    totals = total_fn(jnp.asarray(padded / 127.5 - 1.0, jnp.float32), jax.random.fold_in(rng, i))
+    totals = total_fn(to_float(pad_batch(batch, batch_size)), jax.random.fold_in(rng, i))
     total += float(np.sum(np.asarray(totals)[:len(batch)], dtype=np.float64))
     done += len(batch)
     logging.info('NLL bound: %d/%d images, %.4f bits/dim so far.', done, len(images), total / done)

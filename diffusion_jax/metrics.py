@@ -13,22 +13,24 @@ import numpy as np
 import scipy.linalg
 from scipy.special import log_softmax
 
+from diffusion_jax.checks import ConfigError, MissingFileError
+
 
 def check_statistics(mu: np.ndarray, sigma: np.ndarray, what: str = 'statistics') -> None:
   """Raises a ValueError unless mu is (D,) and sigma (D, D), both finite."""
   if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-    raise ValueError(f'{what}: expected mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}.')
+    raise ConfigError(f'{what}: expected mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}.')
   if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-    raise ValueError(f'{what}: mu or sigma is not finite.')
+    raise ConfigError(f'{what}: mu or sigma is not finite.')
 
 
 def as_features(features, what: str = 'features') -> np.ndarray:
   """features as a float64 (N, D) array; a ValueError for another rank or non-finite values."""
   features = np.asarray(features, np.float64)
   if features.ndim != 2:
-    raise ValueError(f'{what}: expected an array (N, D), got shape {features.shape}.')
+    raise ConfigError(f'{what}: expected an array (N, D), got shape {features.shape}.')
   if not np.isfinite(features).all():
-    raise ValueError(f'{what}: contains NaN or infinite values.')
+    raise ConfigError(f'{what}: contains NaN or infinite values.')
   return features
 
 
@@ -36,7 +38,7 @@ def activation_statistics(features) -> tuple[np.ndarray, np.ndarray]:
   """Mean (D,) and unbiased covariance (D, D), float64, of features (N, D) with N >= 2 (as np.cov)."""
   features = as_features(features)
   if features.shape[0] < 2:
-    raise ValueError(f'Need at least 2 feature vectors for a covariance, got {features.shape[0]}.')
+    raise ConfigError(f'Need at least 2 feature vectors for a covariance, got {features.shape[0]}.')
   return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
@@ -59,8 +61,8 @@ class StatisticsAccumulator:
       self._sum = np.zeros_like(self._shift)
       self._outer = np.zeros((features.shape[1], features.shape[1]))
     elif features.shape[1] != self._shift.shape[0]:
-      raise ValueError(f'Features of dimension {features.shape[1]} fed to an accumulator of dimension '
-                       f'{self._shift.shape[0]}.')
+      raise ConfigError(f'Features of dimension {features.shape[1]} fed to an accumulator of dimension '
+                        f'{self._shift.shape[0]}.')
     centred = features - self._shift
     self.count += features.shape[0]
     self._sum += centred.sum(axis=0)
@@ -69,7 +71,7 @@ class StatisticsAccumulator:
   def statistics(self) -> tuple[np.ndarray, np.ndarray]:
     """(mu (D,), sigma (D, D)) of all features so far; needs at least 2."""
     if self.count < 2:
-      raise ValueError(f'Need at least 2 feature vectors for a covariance, got {self.count}.')
+      raise ConfigError(f'Need at least 2 feature vectors for a covariance, got {self.count}.')
     mean = self._sum / self.count
     sigma = (self._outer - self.count * np.outer(mean, mean)) / (self.count - 1)
     return self._shift + mean, sigma
@@ -85,7 +87,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
   check_statistics(mu1, sigma1, 'first statistics')
   check_statistics(mu2, sigma2, 'second statistics')
   if mu1.shape != mu2.shape:
-    raise ValueError(f'The statistics have different dimensions: {mu1.shape[0]} and {mu2.shape[0]}.')
+    raise ConfigError(f'The statistics have different dimensions: {mu1.shape[0]} and {mu2.shape[0]}.')
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)  # Singular products are handled below.
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
@@ -94,8 +96,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
       covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ValueError(f'sqrtm(sigma1 @ sigma2) has an imaginary component of {np.abs(covmean.imag).max():.3g}: '
-                       'the covariances are not positive semi-definite (or from far too few samples).')
+      raise ConfigError(f'sqrtm(sigma1 @ sigma2) has an imaginary component of {np.abs(covmean.imag).max():.3g}: '
+                        'the covariances are not positive semi-definite (or from far too few samples).')
     covmean = covmean.real
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
@@ -109,7 +111,7 @@ def inception_score(logits, num_splits: int = 10) -> tuple[float, float]:
   """
   logits = as_features(logits, 'logits')
   if not 1 <= num_splits <= logits.shape[0]:
-    raise ValueError(f'num_splits must be in [1, N = {logits.shape[0]}], got {num_splits}.')
+    raise ConfigError(f'num_splits must be in [1, N = {logits.shape[0]}], got {num_splits}.')
   n = logits.shape[0]
   scores = []
   for i in range(num_splits):
@@ -140,20 +142,20 @@ def save_statistics(path: str, mu, sigma, num_images: int, dataset: str, feature
 def load_statistics(path: str, features: Optional[str] = None) -> ReferenceStatistics:
   """Reads a statistics .npz (this module's or pytorch-fid's: mu, sigma); checks its extractor if `features`."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f'Reference statistics {path} not found; compute them with activation_statistics '
-                            f'(or StatisticsAccumulator) and save_statistics.')
+    raise MissingFileError(f'Reference statistics {path} not found; compute them with activation_statistics '
+                           f'(or StatisticsAccumulator) and save_statistics.')
   try:
     with np.load(path) as data:
       contents = {key: data[key] for key in data.files}
   except Exception as e:
-    raise ValueError(f'Cannot read {path} as a .npz of arrays ({e}).') from e
+    raise ConfigError(f'Cannot read {path} as a .npz of arrays ({e}).') from e
   if 'mu' not in contents or 'sigma' not in contents:
-    raise ValueError(f'{path} holds {sorted(contents)}, not the arrays mu and sigma of reference statistics.')
+    raise ConfigError(f'{path} holds {sorted(contents)}, not the arrays mu and sigma of reference statistics.')
   mu, sigma = contents['mu'].astype(np.float64), contents['sigma'].astype(np.float64)
   check_statistics(mu, sigma, path)
   stats = ReferenceStatistics(mu, sigma, int(contents['num_images']) if 'num_images' in contents else None,
                               str(contents['dataset']) if 'dataset' in contents else None,
                               str(contents['features']) if 'features' in contents else None)
   if features is not None and stats.features != features:
-    raise ValueError(f'{path} holds statistics of {stats.features!r} features, not of {features!r}.')
+    raise ConfigError(f'{path} holds statistics of {stats.features!r} features, not of {features!r}.')
   return stats

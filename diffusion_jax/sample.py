@@ -8,58 +8,40 @@ interpolate: samples/interpolate_step<step>/: two images encoded into x_T by DDI
          interpolation between the two x_T decoded by DDIM (interpolation.png strip and .gif), and the
          reconstruction error of the inversion at several step counts (reconstruction.json).
 """
-import dataclasses
 import functools
 import json
 import os
 import time
 
 from absl import logging
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 from PIL import Image
 
-from diffusion_jax import distributed, images, input_pipeline, sampling, train
-from diffusion_jax.diffusion import check_positive_int
-from diffusion_jax.models.unet import unet_from_config
-from diffusion_jax.schedules import schedule_from_config
+from diffusion_jax import checkpoints, experiment, generation, images, input_pipeline, sampling
+from diffusion_jax.checks import ConfigError, MissingFileError, check_positive_int
 
 
-@dataclasses.dataclass
-class Restored:
-  """A restored checkpoint: the model, the mesh it runs on and the train state."""
-  model: nn.Module
-  mesh: Mesh
-  state: train.TrainState
-
-  def params(self, use_ema: bool):
-    return self.state.ema_params if use_ema else self.state.params
-
-
-def restore(config: ml_collections.ConfigDict, workdir: str) -> Restored:
-  """Restores the checkpoint sampling.checkpoint_step (-1: latest) of workdir; clear errors if there is none."""
-  mesh = train.create_mesh()
-  train.check_config(config, mesh.size)
+def restore(config: ml_collections.ConfigDict, workdir: str, use_ema: bool | None = None):
+  """(experiment, params, step): the Experiment of config and the params (EMA by default: sampling.use_ema) of
+  checkpoint sampling.checkpoint_step (-1: the latest) of workdir, without the optimizer state."""
+  exp = experiment.build(config)
   check_positive_int('sampling.num_samples', config.sampling.num_samples)
-  manager = train.checkpoint_manager(workdir)
+  manager = checkpoints.manager(workdir)
   if manager.latest_step() is None:
-    raise FileNotFoundError(f'No checkpoint in {manager.directory}: train first with --mode=train '
-                            f'--workdir={workdir}.')
+    raise MissingFileError(f'No checkpoint in {manager.directory}: train first with --mode=train '
+                           f'--workdir={workdir}.')
   step = config.sampling.checkpoint_step
   if step != -1 and step not in manager.all_steps():
-    raise ValueError(f'No checkpoint at step {step} in {manager.directory}; available steps: {manager.all_steps()} '
-                     f'(set --config.sampling.checkpoint_step to one of them, or -1 for the latest).')
-  train.check_workdir_config(config, workdir)
-  model = unet_from_config(config.model)
-  # The optimizer state is restored too (it is part of the state), so build the same optimizer.
-  abstract = train.abstract_train_state(config, model, train.create_optimizer(config.optim), mesh)
-  state = train.restore_state(manager, abstract, None if step == -1 else step)
-  return Restored(model, mesh, state)
+    raise ConfigError(f'No checkpoint at step {step} in {manager.directory}; available steps: {manager.all_steps()} '
+                      f'(set --config.sampling.checkpoint_step to one of them, or -1 for the latest).')
+  checkpoints.check_workdir_config(config, workdir)
+  use_ema = config.sampling.use_ema if use_ema is None else use_ema
+  params, step = checkpoints.restore_params(manager, exp.abstract_params, None if step == -1 else step, use_ema)
+  return exp, params, step
 
 
 def run_name(config) -> str:
@@ -77,39 +59,35 @@ def run_name(config) -> str:
 
 
 def sample_labels(config, num_samples: int) -> np.ndarray | None:
-  """The class label of each of num_samples samples of a conditional model (None for an unconditional one)."""
-  if not config.model.num_classes:
-    return None
-  return np.asarray(train.sample_labels(0, num_samples, config.model.num_classes, config.sampling.class_label))
+  """The class label of each of num_samples samples (None for an unconditional model), as sample_fn draws them."""
+  labels = generation.sample_labels(0, num_samples, config.model.num_classes, config.sampling.class_label)
+  return None if labels is None else np.asarray(labels)
 
 
 def sample_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes samples/<run name>_step<step>/ (see the module docstring); returns the folder."""
   s = config.sampling
   check_positive_int('sampling.chain_frames', s.chain_frames)
-  restored = restore(config, workdir)
-  step = int(restored.state.step)
-  params = restored.params(s.use_ema)
-  sample_fn = train.sample_fn_from_config(config, restored.model, restored.mesh)
+  exp, params, step = restore(config, workdir)
   logging.info('Sampling %d images at step %d with %s.', s.num_samples, step, run_name(config))
   rng = jax.random.key(s.seed)
   first_batch = chain = None
   if s.chain_images:  # The first batch records its chain; its last frame is that batch of the samples.
-    num_steps = len(sampling.sampler_from_config(config).timesteps(config.diffusion.num_timesteps)[0])
-    chain_fn = train.sample_fn_from_config(config, restored.model, restored.mesh,
-                                           record_every=max(1, num_steps // s.chain_frames))
-    frames = input_pipeline.to_uint8(multihost_utils.process_allgather(
-        chain_fn(params, jax.random.fold_in(rng, 0), 0), tiled=True))
+    num_steps = len(exp.sampler.timesteps(config.diffusion.num_timesteps)[0])
+    chain_fn = exp.sample_fn(record_every=max(1, num_steps // s.chain_frames))
+    frames = images.to_uint8(multihost_utils.process_allgather(chain_fn(params, jax.random.fold_in(rng, 0), 0),
+                                                               tiled=True))
     first_batch, chain = frames[-1], frames[:, :s.chain_images]
-  samples = train.generate(sample_fn, params, rng, s.num_samples, s.batch_size, log_progress=True,
-                           first_batch=first_batch)
+  samples = generation.generate(exp.sample_fn(), params, rng, s.num_samples, s.batch_size, log_progress=True,
+                                first_batch=first_batch)
 
   out_dir = os.path.join(workdir, 'samples', f'{run_name(config)}_step{step}')
   if jax.process_index() == 0:
     labels = sample_labels(config, s.num_samples)
     extra = {} if labels is None else {'labels': labels}
     np.savez_compressed(os.path.join(makedirs(out_dir), 'samples.npz'), images=samples, step=step, **extra)
-    images.save_png(images.make_grid(*train.grid_layout(samples[:256], config)), os.path.join(out_dir, 'grid.png'))
+    images.save_png(images.make_grid(*generation.grid_layout(samples[:256], config)),
+                    os.path.join(out_dir, 'grid.png'))
     if s.save_individual:
       for i, image in enumerate(samples):
         images.save_png(image, os.path.join(out_dir, 'images', f'{i:05d}.png'))
@@ -123,32 +101,30 @@ def sample_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
 def compare_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes the DDPM vs DDIM vs EMA comparison picture (see the module docstring); returns its path."""
   s = config.sampling
-  restored = restore(config, workdir)
+  exp, ema_params, step = restore(config, workdir, use_ema=True)
+  raw_params, _ = checkpoints.restore_params(checkpoints.manager(workdir), exp.abstract_params, step, use_ema=False)
   n = s.compare_images
   check_positive_int('sampling.compare_images', n)
-  if n % restored.mesh.size:
-    raise ValueError(f'sampling.compare_images={n} must be a multiple of the {restored.mesh.size} devices.')
+  if n % exp.mesh.size:
+    raise ConfigError(f'sampling.compare_images={n} must be a multiple of the {exp.mesh.size} devices.')
   T = config.diffusion.num_timesteps
   parameterization = config.diffusion.parameterization
   samplers = [sampling.Sampler('ddpm', T, variance=s.variance, parameterization=parameterization)]
   samplers += [sampling.Sampler('ddim', k, eta=0.0, spacing=s.spacing, parameterization=parameterization)
                for k in s.compare_steps]
-  shape = (n, config.data.image_size, config.data.image_size, config.data.channels)
-  schedule = schedule_from_config(config.diffusion)
   rows, labels = [], []
-  for use_ema in (True, False):
+  for use_ema, params in ((True, ema_params), (False, raw_params)):
     for sampler in samplers:
-      sample_fn = train.make_sample_fn(restored.model, schedule, sampler, shape, restored.mesh,
-                                       guidance_scale=s.guidance_scale, class_label=s.class_label)
-      sample_fn(restored.params(use_ema), jax.random.key(s.seed), 0).block_until_ready()  # Compile.
+      sample_fn = exp.sample_fn(sampler, batch_size=n)
+      sample_fn(params, jax.random.key(s.seed), 0).block_until_ready()  # Compile.
       start = time.perf_counter()
-      row = train.generate(sample_fn, restored.params(use_ema), jax.random.key(s.seed), n, n)
+      row = generation.generate(sample_fn, params, jax.random.key(s.seed), n, n)
       seconds = time.perf_counter() - start
       name = f'DDPM-{T}' if sampler.method == 'ddpm' else f'DDIM-{sampler.num_steps}'
       labels.append(f'{name} {"EMA" if use_ema else "raw"}  {seconds:.1f} s')
       rows.append(images.make_grid(row, n))
       logging.info('%s (%d images).', labels[-1], n)
-  path = os.path.join(workdir, 'samples', f'compare_seed{s.seed}_step{int(restored.state.step)}.png')
+  path = os.path.join(workdir, 'samples', f'compare_seed{s.seed}_step{step}.png')
   if jax.process_index() == 0:
     images.save_png(images.labelled_rows(rows, labels), path)
     logging.info('Wrote %s.', path)
@@ -162,15 +138,15 @@ def interpolation_pair(config) -> np.ndarray:
     data = input_pipeline.load_dataset(config.data)
     return input_pipeline.read_images(data, np.array([0, len(data) // 2]))
   if len(files) != 2:
-    raise ValueError(f'sampling.interpolate_files must name two images, got {len(files)}: {files}.')
+    raise ConfigError(f'sampling.interpolate_files must name two images, got {len(files)}: {files}.')
   pictures = []
   for path in files:
     if not os.path.isfile(path):
-      raise FileNotFoundError(f'Interpolation image {path} does not exist.')
+      raise MissingFileError(f'Interpolation image {path} does not exist.')
     pictures.append(Image.open(path))
   if pictures[0].size != pictures[1].size:
-    raise ValueError(f'Cannot interpolate between images of different sizes: {files[0]} is {pictures[0].size[0]}x'
-                     f'{pictures[0].size[1]} and {files[1]} is {pictures[1].size[0]}x{pictures[1].size[1]}.')
+    raise ConfigError(f'Cannot interpolate between images of different sizes: {files[0]} is {pictures[0].size[0]}x'
+                      f'{pictures[0].size[1]} and {files[1]} is {pictures[1].size[0]}x{pictures[1].size[1]}.')
   return np.stack([input_pipeline.fit_image(p, d.image_size, d.channels) for p in pictures])
 
 
@@ -179,10 +155,9 @@ def interpolate_from_workdir(config: ml_collections.ConfigDict, workdir: str) ->
   s = config.sampling
   check_positive_int('sampling.interpolate_frames', s.interpolate_frames)
   pair = interpolation_pair(config)
-  restored = restore(config, workdir)
-  params, model = restored.params(s.use_ema), restored.model
-  schedule = schedule_from_config(config.diffusion)
-  x0 = jnp.asarray(pair, jnp.float32) / 127.5 - 1.0
+  exp, params, step = restore(config, workdir)
+  model, schedule = exp.model, exp.schedule
+  x0 = jnp.asarray(images.to_float(pair))
 
   def model_fn(x, t):  # A conditional model is inverted with the null label (unconditional).
     labels = jnp.full(x.shape[:1], model.num_classes, jnp.int32) if model.num_classes else None
@@ -192,11 +167,11 @@ def interpolate_from_workdir(config: ml_collections.ConfigDict, workdir: str) ->
     return sampling.Sampler('ddim', num_steps, eta=0.0, spacing=s.spacing, clip_x0=False,
                             parameterization=config.diffusion.parameterization)
 
-  @functools.partial(jax.jit, static_argnums=0, compiler_options=distributed.forward_compiler_options())
+  @functools.partial(jax.jit, static_argnums=0)
   def encode(sampler, x):
     return sampling.ddim_invert(model_fn, schedule, sampler, x)
 
-  @functools.partial(jax.jit, static_argnums=0, compiler_options=distributed.forward_compiler_options())
+  @functools.partial(jax.jit, static_argnums=0)
   def decode(sampler, x_T):
     return sampling.sample(model_fn, schedule, sampler, jax.random.key(s.seed), x_T.shape, x_T=x_T)[-1]
 
@@ -209,9 +184,9 @@ def interpolate_from_workdir(config: ml_collections.ConfigDict, workdir: str) ->
   sampler = ddim(s.interpolate_steps)
   x_T = encode(sampler, x0)
   path = sampling.slerp(x_T[0], x_T[1], np.linspace(0.0, 1.0, s.interpolate_frames))
-  frames = input_pipeline.to_uint8(decode(sampler, path))
+  frames = images.to_uint8(decode(sampler, path))
 
-  out_dir = os.path.join(workdir, 'samples', f'interpolate_step{int(restored.state.step)}')
+  out_dir = os.path.join(workdir, 'samples', f'interpolate_step{step}')
   if jax.process_index() == 0:
     makedirs(out_dir)
     strip = np.concatenate([pair[:1], frames, pair[1:]])
@@ -219,7 +194,7 @@ def interpolate_from_workdir(config: ml_collections.ConfigDict, workdir: str) ->
     images.save_gif(np.concatenate([frames, frames[-2:0:-1]]), os.path.join(out_dir, 'interpolation.gif'),
                     hold_last=1)  # There and back.
     with open(os.path.join(out_dir, 'reconstruction.json'), 'w') as f:
-      json.dump({'step': int(restored.state.step), 'reconstruction_mse_by_ddim_steps': reconstruction_mse,
+      json.dump({'step': step, 'reconstruction_mse_by_ddim_steps': reconstruction_mse,
                  'images': list(s.interpolate_files) or 'the first and the middle training image'}, f, indent=2)
     logging.info('Wrote %s.', out_dir)
   return out_dir

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.diffusion import (PARAMETERIZATIONS, check_choice, eps_from_x0, expand_to, gather, q_posterior,
-                                     x0_eps_from_output)
+from diffusion_jax.checks import ConfigError, check_choice, check_concrete_range
+from diffusion_jax.diffusion import PARAMETERIZATIONS, eps_from_x0, expand_to, gather, q_posterior, x0_eps_from_output
 from diffusion_jax.schedules import Schedule
 
 METHODS = ('ddpm', 'ddim', 'dpm++2m')
@@ -42,16 +42,16 @@ class Sampler:
     check_choice('DDPM variance', self.variance, VARIANCES)
     check_choice('parameterization', self.parameterization, PARAMETERIZATIONS)
     if self.method == 'ddpm' and self.num_steps != num_timesteps:
-      raise ValueError(
+      raise ConfigError(
           f'The ddpm sampler runs all T={num_timesteps} steps but sampling.num_steps={self.num_steps}: '
           f'set sampling.num_steps={num_timesteps}, or use sampling.method=ddim for fewer steps.')
     if not isinstance(self.num_steps, int) or not 1 <= self.num_steps <= num_timesteps:
-      raise ValueError(f'sampling.num_steps must be an integer in [1, T={num_timesteps}], got {self.num_steps!r}.')
+      raise ConfigError(f'sampling.num_steps must be an integer in [1, T={num_timesteps}], got {self.num_steps!r}.')
     if self.eta < 0:
-      raise ValueError(f'sampling.eta must be >= 0, got {self.eta!r}.')
+      raise ConfigError(f'sampling.eta must be >= 0, got {self.eta!r}.')
     if self.method == 'dpm++2m' and self.eta != 0:
-      raise ValueError(f'The dpm++2m sampler is deterministic but sampling.eta={self.eta!r}: set sampling.eta=0, '
-                       'or use sampling.method=ddim for eta > 0.')
+      raise ConfigError(f'The dpm++2m sampler is deterministic but sampling.eta={self.eta!r}: set sampling.eta=0, '
+                        'or use sampling.method=ddim for eta > 0.')
 
   def timesteps(self, num_timesteps: int) -> tuple[np.ndarray, np.ndarray]:
     """The timesteps visited, in sampling order, and each one's successor (-1 after the last).
@@ -179,7 +179,7 @@ def sample(model_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: Sche
   if x_T is None:
     x_T = jax.random.normal(init_key, shape, jnp.float32)
   elif tuple(x_T.shape) != tuple(shape):
-    raise ValueError(f'x_T has shape {tuple(x_T.shape)} but the sample shape is {tuple(shape)}.')
+    raise ConfigError(f'x_T has shape {tuple(x_T.shape)} but the sample shape is {tuple(shape)}.')
   else:
     x_T = jnp.asarray(x_T, jnp.float32)
   chain = jnp.zeros((len(recorded) + 1,) + tuple(shape), jnp.float32).at[0].set(x_T)
@@ -229,9 +229,9 @@ def ddim_invert(model_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule:
   at the sampler's first timestep. Needs method='ddim', eta=0 and clip_x0=False (clipping is not invertible).
   """
   if sampler.method != 'ddim' or sampler.eta != 0 or sampler.clip_x0:
-    raise ValueError('DDIM inversion needs a deterministic DDIM sampler without clipping (method=ddim, eta=0, '
-                     f'clip_x0=False), got method={sampler.method!r}, eta={sampler.eta!r}, '
-                     f'clip_x0={sampler.clip_x0!r}.')
+    raise ConfigError('DDIM inversion needs a deterministic DDIM sampler without clipping (method=ddim, eta=0, '
+                      f'clip_x0=False), got method={sampler.method!r}, eta={sampler.eta!r}, '
+                      f'clip_x0={sampler.clip_x0!r}.')
   timesteps, prev_timesteps = sampler.timesteps(schedule.num_timesteps)
   batch = x0.shape[0]
 
@@ -243,17 +243,6 @@ def ddim_invert(model_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule:
   return x_T
 
 
-def check_concrete_range(name: str, values, low, high, high_inclusive: bool) -> None:
-  """Raises a ValueError when concrete (not traced) `values` fall outside [low, high] (or [low, high))."""
-  if isinstance(values, jax.core.Tracer):
-    return
-  values = np.asarray(values)
-  outside = (values < low) | ((values > high) if high_inclusive else (values >= high))
-  if np.any(outside):
-    bracket = ']' if high_inclusive else ')'
-    raise ValueError(f'{name} must lie in [{low}, {high}{bracket}, got {values[outside].tolist()[:8]}.')
-
-
 def slerp(x0: jax.Array, x1: jax.Array, alpha) -> jax.Array:
   """Spherical interpolation from x0 (alpha = 0) to x1 (alpha = 1), e.g. between two x_T noise tensors.
 
@@ -262,7 +251,7 @@ def slerp(x0: jax.Array, x1: jax.Array, alpha) -> jax.Array:
   sin(theta) ~ 0). alpha: a scalar or array in [0, 1] of shape A; the result has shape A + x0.shape.
   """
   if jnp.shape(x0) != jnp.shape(x1):
-    raise ValueError(f'slerp needs tensors of one shape, got x0 {jnp.shape(x0)} and x1 {jnp.shape(x1)}.')
+    raise ConfigError(f'slerp needs tensors of one shape, got x0 {jnp.shape(x0)} and x1 {jnp.shape(x1)}.')
   check_concrete_range('slerp alpha', alpha, 0, 1, high_inclusive=True)
   alpha = jnp.asarray(alpha, jnp.float32)
   alpha = alpha.reshape(alpha.shape + (1,) * jnp.ndim(x0))
@@ -287,14 +276,14 @@ def guided_model_fn(model_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Ar
   traced labels (under jit) are not checked.
   """
   if jnp.ndim(labels) != 1:
-    raise ValueError(f'labels must have shape (B,), got {jnp.shape(labels)}.')
+    raise ConfigError(f'labels must have shape (B,), got {jnp.shape(labels)}.')
   check_concrete_range('Class labels', labels, 0, null_label, high_inclusive=False)
   labels = jnp.asarray(labels, jnp.int32)
   both_labels = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
 
   def guided(x: jax.Array, t: jax.Array) -> jax.Array:
     if x.shape[0] != labels.shape[0]:
-      raise ValueError(f'{labels.shape[0]} labels for a batch of {x.shape[0]} images.')
+      raise ConfigError(f'{labels.shape[0]} labels for a batch of {x.shape[0]} images.')
     out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both_labels)
     cond, uncond = jnp.split(out, 2)
     return (1.0 + guidance_scale) * cond - guidance_scale * uncond

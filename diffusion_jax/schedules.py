@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.checks import ConfigError
+
 
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
   """Ho et al.: betas evenly spaced from beta_start to beta_end."""
@@ -74,7 +76,7 @@ def schedule_from_betas(betas: np.ndarray) -> Schedule:
   """Builds the schedule pytree from betas (T,) in (0, 1), computing in float64."""
   betas = np.asarray(betas, dtype=np.float64)
   if betas.ndim != 1 or len(betas) < 2 or not np.all((betas > 0) & (betas < 1)):
-    raise ValueError('betas must be a 1-D array of at least 2 values in (0, 1).')
+    raise ConfigError('betas must be a 1-D array of at least 2 values in (0, 1).')
   alphas_cumprod = np.cumprod(1.0 - betas)
   alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
   posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
@@ -95,9 +97,9 @@ def schedule_from_betas(betas: np.ndarray) -> Schedule:
 def make_schedule(name: str, num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
   """The schedule `name` (one of BETA_SCHEDULES) over `num_timesteps` steps."""
   if name not in BETA_SCHEDULES:
-    raise ValueError(f'Unknown noise schedule {name!r}; choose one of {sorted(BETA_SCHEDULES)}.')
+    raise ConfigError(f'Unknown noise schedule {name!r}; choose one of {sorted(BETA_SCHEDULES)}.')
   if not isinstance(num_timesteps, int) or num_timesteps < 2:
-    raise ValueError(f'num_timesteps must be an integer >= 2, got {num_timesteps!r}.')
+    raise ConfigError(f'num_timesteps must be an integer >= 2, got {num_timesteps!r}.')
   return schedule_from_betas(BETA_SCHEDULES[name](num_timesteps, beta_start, beta_end))
 
 

@@ -1,4 +1,4 @@
-"""Shared test set-up: quiet TensorFlow, a compilation cache shared by tests and their subprocesses, fixtures."""
+"""Shared test set-up: quiet TensorFlow, a compilation cache shared by tests and their subprocesses, paths."""
 import os
 import tempfile
 
@@ -8,7 +8,8 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettemp
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 # Tests run with the XLA:CPU flags that main.py sets (before JAX starts a backend).
 from configs import default  # pylint: disable=wrong-import-position
-from diffusion_jax import distributed  # pylint: disable=wrong-import-position
-distributed.set_cpu_xla_flags(default.get_config().cpu_scheduler)
+from diffusion_jax import xla_cpu  # pylint: disable=wrong-import-position
+xla_cpu.set_flags(default.get_config())
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')

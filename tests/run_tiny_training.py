@@ -14,14 +14,14 @@ import numpy as np
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [TESTS, os.path.dirname(TESTS)]
-from test_train import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs.tiny import get_config as tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main(workdir, out, num_steps='4', grad_accum_steps='1'):
-  from diffusion_jax import distributed, train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import runtime, train, xla_cpu  # pylint: disable=g-import-not-at-top
   config = tiny_config()
-  distributed.set_cpu_xla_flags(config.cpu_scheduler)  # As main.py does: the same XLA:CPU kernels, the same bits.
-  distributed.initialize()
+  xla_cpu.set_flags(config)  # As main.py does: the same XLA:CPU kernels, the same bits.
+  runtime.initialize()
   config.training.num_train_steps = int(num_steps)
   config.training.grad_accum_steps = int(grad_accum_steps)
   config.sampling.batch_size = 8  # Divisible by up to 8 devices.

@@ -4,10 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import diffusion, train
-from diffusion_jax.models.unet import UNet, unet_from_config
-from diffusion_jax.schedules import schedule_from_config
-from test_train import tiny_config
+from diffusion_jax import diffusion, experiment, generation, train
+from diffusion_jax.models.unet import UNet
+from configs.tiny import get_config as tiny_config
 
 
 def conditional_config(label_dropout=0.5):
@@ -54,10 +53,9 @@ def test_train_step_feeds_the_labels_with_null_label_dropout_exactly():
   """The step's loss equals the loss recomputed by hand from the same draws, with dropped labels -> 10."""
   config = conditional_config(label_dropout=0.5)
   config.training.batch_size = 16
-  mesh = train.create_mesh()
-  model, tx = unet_from_config(config.model), train.create_optimizer(config.optim)
-  schedule = schedule_from_config(config.diffusion)
-  state = train.create_train_state(config, model, tx, jax.random.key(0))
+  exp = experiment.build(config)
+  mesh, model, schedule = exp.mesh, exp.model, exp.schedule
+  state = exp.init_state(jax.random.key(0))
   params = randomized(state.params)
   state = state.replace(params=params)
   rng = np.random.default_rng(0)
@@ -75,7 +73,7 @@ def test_train_step_feeds_the_labels_with_null_label_dropout_exactly():
 
   expected = loss_with(jnp.where(drop, 10, batch['label']))
   assert abs(loss_with(jnp.asarray(batch['label'])) - expected) > 1e-4 * expected  # Dropout matters here.
-  _, metrics = train.make_train_step(config, model, tx, schedule, mesh)(state, train.shard_batch(batch, mesh), step_rng)
+  _, metrics = train.make_train_step(exp)(state, train.shard_batch(batch, mesh), step_rng)
   np.testing.assert_allclose(float(metrics['loss']), expected, rtol=1e-5)
 
 
@@ -88,20 +86,20 @@ def test_conditional_config_errors():
   config = conditional_config()
   config.model.label_dropout = 1.0
   with pytest.raises(ValueError, match=r'model.label_dropout must be in \[0, 1\), got 1.0'):
-    train.check_config(config, 1)
+    experiment.check_config(config, 1)
   config = conditional_config()
   config.sampling.class_label = 10
   with pytest.raises(ValueError, match=r'sampling.class_label=10 is outside the classes \[0, 10\) of this model'):
-    train.check_config(config, 1)
+    experiment.check_config(config, 1)
   config = tiny_config()
   config.sampling.guidance_scale = 2.0
   with pytest.raises(ValueError, match=r'guidance_scale=2.0 needs a class-conditional model .* set '
                                        r'sampling.guidance_scale=0'):
-    train.check_config(config, 1)
+    experiment.check_config(config, 1)
   config = tiny_config()
   config.model.dtype = 'float16'
   with pytest.raises(ValueError, match=r"Unknown model.dtype 'float16'; choose one of \['bfloat16', 'float32'\]"):
-    train.check_config(config, 1)
+    experiment.check_config(config, 1)
 
 
 def test_bfloat16_training_tracks_float32():
@@ -111,10 +109,10 @@ def test_bfloat16_training_tracks_float32():
     config = tiny_config()
     config.model.dtype = dtype
     config.optim.warmup_steps = 1
-    mesh = train.create_mesh()
-    model, tx = unet_from_config(config.model), train.create_optimizer(config.optim)
-    state = train.create_train_state(config, model, tx, jax.random.key(0))
-    step_fn = train.make_train_step(config, model, tx, schedule_from_config(config.diffusion), mesh)
+    exp = experiment.build(config)
+    state = exp.init_state(jax.random.key(0))
+    step_fn = train.make_train_step(exp)
+    mesh = exp.mesh
     rng = np.random.default_rng(0)
     losses[dtype] = []
     for _ in range(10):
@@ -128,9 +126,9 @@ def test_bfloat16_training_tracks_float32():
 def test_grid_shows_one_row_per_class():
   config = conditional_config()
   samples = np.arange(25, dtype=np.uint8).reshape(25, 1, 1, 1)  # Sample i has label i mod 10.
-  ordered, columns = train.grid_layout(samples, config)
+  ordered, columns = generation.grid_layout(samples, config)
   assert columns == 2
   np.testing.assert_array_equal(ordered[:, 0, 0, 0], [0, 10, 1, 11, 2, 12, 3, 13, 4, 14, 5, 15, 6, 16, 7, 17, 8, 18,
                                                       9, 19])
   config.sampling.class_label = 3
-  assert train.grid_layout(samples, config)[1] is None
+  assert generation.grid_layout(samples, config)[1] is None

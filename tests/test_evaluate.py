@@ -14,7 +14,7 @@ from diffusion_jax import evaluate, input_pipeline, likelihood, metrics, train
 from diffusion_jax.models import inception
 from diffusion_jax.models.unet import unet_from_config
 from diffusion_jax.schedules import schedule_from_config
-from test_train import tiny_config
+from configs.tiny import get_config as tiny_config
 
 _spec = importlib.util.spec_from_file_location('inception_random_weights',
                                                os.path.join(FIXTURES, 'inception_random_weights.py'))

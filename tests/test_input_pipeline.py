@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 
 from configs import celeba64, celebahq256, cifar10, default, fashion_mnist, lsun256, mnist
 from diffusion_jax import input_pipeline, train
+from diffusion_jax.images import to_float, to_uint8
 
 
 @pytest.fixture(scope='module')
@@ -56,7 +57,7 @@ def test_batches_shape_dtype_range(digits):
   assert batch['image'].min() >= -1.0 and batch['image'].max() <= 1.0
   assert batch['label'].shape == (16,) and batch['label'].dtype == np.int32
   # The value map is uint8 / 127.5 - 1: the batch maps back onto dataset images of its labels.
-  first = input_pipeline.to_uint8(batch['image'][0]).reshape(-1)
+  first = to_uint8(batch['image'][0]).reshape(-1)
   matches = np.flatnonzero((digits.images.reshape(5000, -1) == first).all(1))
   assert len(matches) >= 1 and digits.labels[matches[0]] == batch['label'][0]
 
@@ -93,7 +94,7 @@ def check_hosts_split_an_epoch(data, global_batch):
   assert steps * global_batch == len(data)
   hosts = [np.concatenate([b['image'] for b in take(data, steps, global_batch, seed=5, process_index=i,
                                                     process_count=2)]) for i in range(2)]
-  keys = [{input_pipeline.to_uint8(x).tobytes() for x in images} for images in hosts]
+  keys = [{to_uint8(x).tobytes() for x in images} for images in hosts]
   assert [len(k) for k in keys] == [len(data) // 2] * 2
   assert not keys[0] & keys[1]
   assert keys[0] | keys[1] == {x.tobytes() for x in all_images(data)}
@@ -128,7 +129,7 @@ def test_resize_images_crops_the_central_square():
 
 def test_uint8_round_trip():
   x = np.arange(256, dtype=np.uint8)
-  np.testing.assert_array_equal(input_pipeline.to_uint8(np.asarray(input_pipeline.to_float(x))), x)
+  np.testing.assert_array_equal(to_uint8(np.asarray(to_float(x))), x)
 
 
 def test_unknown_dataset():
@@ -197,7 +198,7 @@ def test_every_tfds_config_loads_under_mock_data(config_module, num_classes, moc
   for batch in batches:
     assert batch['image'].shape == (8, size, size, config.channels) and batch['image'].dtype == np.float32
     assert -1.0 <= batch['image'].min() < batch['image'].max() <= 1.0
-    np.testing.assert_array_equal(input_pipeline.to_float(input_pipeline.to_uint8(batch['image'])), batch['image'])
+    np.testing.assert_array_equal(to_float(to_uint8(batch['image'])), batch['image'])
     assert batch['label'].shape == (8,) and batch['label'].dtype == np.int32
     assert batch['label'].min() >= 0 and batch['label'].max() < max(num_classes, 1)
   for a, b in zip(take(data, 3, 8, random_flip=config.random_flip), batches):  # Deterministic.
@@ -256,7 +257,7 @@ def test_image_folder_loads_classes_at_the_configured_size(image_folder):
 
 
 def test_image_folder_trains(image_folder, tmp_path):
-  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  from configs.tiny import get_config as tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   # Grayscale 8x8 as tiny_config: the programs of test_train.py, shared through the compilation cache.
   config.data.update(dict(dataset='folder', folder=image_folder))

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from test_train import REPO
+from conftest import REPO
 
 LAUNCH = os.path.join(REPO, 'launch')
 

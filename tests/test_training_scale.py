@@ -7,23 +7,20 @@ import signal
 import socket
 import subprocess
 import sys
-import types
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
+from conftest import REPO
 from configs import default
-from diffusion_jax import train
-from diffusion_jax.models.unet import unet_from_config
-from diffusion_jax.schedules import schedule_from_config
-from test_train import REPO, tiny_config
+from configs.tiny import get_config as tiny_config
+from diffusion_jax import checkpoints, experiment, optim, train, train_state
+from diffusion_jax.checks import ConfigError
 
 SCRIPT = os.path.join(REPO, 'tests', 'run_tiny_training.py')
 
@@ -93,35 +90,16 @@ def test_gradient_accumulation_must_divide_the_batch():
   config.training.grad_accum_steps = 3
   with pytest.raises(ValueError, match=r'grad_accum_steps=3 must be .*training.batch_size=8 is a multiple of grad_accum_steps '
                                        r'x the 2 devices'):
-    train.check_config(config, 2)
-
-
-@pytest.mark.parametrize('setting, batch_size, num_devices, platform, expected', [
-    (0, 128, 1, 'cpu', 8),   # Micro-batches of train.CPU_MICRO_BATCH = 16 per device.
-    (0, 128, 2, 'cpu', 4),
-    (0, 48, 1, 'cpu', 3),
-    (0, 32, 1, 'cpu', 1),    # Small batches stay whole (the 0.28M demo model is 3% slower in 2 micro-batches).
-    (0, 100, 1, 'cpu', 1),   # Not a multiple of 16.
-    (0, 128, 1, 'gpu', 1),   # Accelerators take the whole batch.
-    (0, 128, 8, 'tpu', 1),
-    (2, 128, 1, 'gpu', 2),   # An explicit setting wins.
-    (1, 128, 1, 'cpu', 1),
-])
-def test_automatic_gradient_accumulation(setting, batch_size, num_devices, platform, expected):
-  assert train.CPU_MICRO_BATCH == 16
-  device = types.SimpleNamespace(platform=platform)
-  mesh = types.SimpleNamespace(size=num_devices, devices=np.array([device] * num_devices))
-  training = ml_collections.ConfigDict({'grad_accum_steps': setting, 'batch_size': batch_size})
-  assert train.grad_accum_steps(training, mesh) == expected
+    experiment.check_config(config, 2)
 
 
 def test_gradient_accumulation_setting_must_be_a_count():
   config = tiny_config()
   config.training.grad_accum_steps = 0
-  train.check_config(config, 2)  # Automatic.
+  experiment.check_config(config, 2)  # Automatic.
   config.training.grad_accum_steps = -1
   with pytest.raises(ValueError, match=r'grad_accum_steps=-1 must be 0 \(automatic\) or a positive integer'):
-    train.check_config(config, 2)
+    experiment.check_config(config, 2)
 
 
 def free_port():
@@ -198,7 +176,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
       break
   process.wait(timeout=60)
   assert process.returncode == -signal.SIGKILL
-  assert 4 in train.checkpoint_manager(str(killed)).all_steps()
+  assert 4 in checkpoints.manager(str(killed)).all_steps()
   finish(run_script([killed, tmp_path / 'killed.npz', 12]))
 
   a, b = np.load(tmp_path / 'straight.npz'), np.load(tmp_path / 'killed.npz')
@@ -229,11 +207,10 @@ def test_event_files_hold_the_scalars_and_images(tmp_path):
 def test_ema_equals_the_closed_form(tmp_path):
   """After k steps, ema = prod(d) p_0 + sum_i (1 - d_i) prod_{j>i} d_j p_i, with the warmed-up decays."""
   config = tiny_config()
-  mesh = train.create_mesh()
-  model = unet_from_config(config.model)
-  tx = train.create_optimizer(config.optim)
-  state = train.create_train_state(config, model, tx, jax.random.key(0))
-  step_fn = train.make_train_step(config, model, tx, schedule_from_config(config.diffusion), mesh)
+  exp = experiment.build(config)
+  mesh = exp.mesh
+  state = exp.init_state(jax.random.key(0))
+  step_fn = train.make_train_step(exp)
   params_sequence = [jax.device_get(state.params)]
   decays = []
   rng = np.random.default_rng(0)
@@ -257,19 +234,19 @@ def test_ema_equals_the_closed_form(tmp_path):
   assert jax.tree.leaves(state.ema_params)[0] is not jax.tree.leaves(state.params)[0]
 
 
-def test_update_on_flat_vectors_equals_optax_on_the_tree():
-  """apply_update (Adam's moments as flat vectors) against optax and the EMA on the params tree, for 3 steps of
-  warmup with gradient clipping active in some of them."""
+def test_apply_update_is_optax_and_the_ema_on_the_params_tree():
+  """apply_update against optax and the EMA written out on the tree, for 3 steps of warmup with gradient clipping
+  active in some of them; the optimizer state is optax's own, a tree like the params."""
   config = tiny_config()
   config.optim.warmup_steps, config.optim.grad_clip = 2, 3.0
-  tx = train.create_optimizer(config.optim)
+  tx = optim.create_optimizer(config.optim)
   rng = np.random.default_rng(0)
   shapes = {'conv': {'kernel': (3, 3, 2, 4), 'bias': (4,)}, 'norm': {'scale': (4,), 'bias': (4,)}, 'out': (5, 3)}
   draw = lambda scale: jax.tree.map(lambda s: (scale * rng.normal(size=s)).astype(np.float32), shapes,
                                     is_leaf=lambda x: isinstance(x, tuple))
   params = draw(1.0)
-  state = train.train_state_from_params(params, tx)
-  step = jax.jit(lambda state, grads, decay: train.apply_update(state, grads, tx, decay))
+  state = train_state.create(params, tx)
+  step = jax.jit(lambda state, grads, decay: train_state.apply_update(state, grads, tx, decay))
   tree_params, tree_ema, tree_opt_state = params, params, tx.init(params)
   for decay, scale in [(0.5, 0.1), (0.9, 10.0), (0.99, 1.0)]:
     grads = draw(scale)
@@ -281,38 +258,16 @@ def test_update_on_flat_vectors_equals_optax_on_the_tree():
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
   jax.tree.map(close, state.params, tree_params)
   jax.tree.map(close, state.ema_params, tree_ema)
-  adam = tree_opt_state[1][0]
-  close(state.opt_state[1][0].mu, train.flat_vector(adam.mu))
-  close(state.opt_state[1][0].nu, train.flat_vector(adam.nu))
+  jax.tree.map(close, state.opt_state, tree_opt_state)
+  assert jax.tree.structure(state.opt_state[1][0].mu) == jax.tree.structure(params)
   assert not np.allclose(state.params['out'], params['out'])
-
-
-def distinct_fusions(compiled_text: str) -> int:
-  """The computations of an optimized HLO module's fusions that differ in more than names and metadata."""
-  bodies = dict(re.findall(r'^%?([\w.\-]+) [^\n]*\{\n(.*?)\n}', compiled_text, re.M | re.S))
-  called = re.findall(r' fusion\(.*?calls=%?([\w.\-]+)', compiled_text)
-  strip = lambda body: re.sub(r'%[\w.\-]+|, metadata=\{[^}]*\}', '', body)
-  return len({strip(bodies[name]) for name in called})
-
-
-def test_leaves_of_one_shape_share_one_compiled_copy_out_of_a_flat_vector():
-  """With param_offsets as arguments, XLA compiles one copy per leaf shape; offsets as constants give one per leaf."""
-  like = {f'w{i}': np.ones((3, 5) if i % 2 else (7,), np.float32) for i in range(8)}
-  state = train.train_state_from_params(like, optax.sgd(0.1))
-  vector = train.flat_vector(like)
-  np.testing.assert_array_equal(train.tree_from_flat(vector, state.param_offsets, like)['w3'], like['w3'])
-  as_arguments = jax.jit(lambda v, offsets: train.tree_from_flat(v, offsets, like))
-  constants = jax.tree.map(int, state.param_offsets)
-  as_constants = jax.jit(lambda v: train.tree_from_flat(v, constants, like))
-  assert distinct_fusions(as_arguments.lower(vector, state.param_offsets).compile().as_text()) == 2
-  assert distinct_fusions(as_constants.lower(vector).compile().as_text()) == 8
 
 
 def test_batch_not_divisible_by_devices():
   config = tiny_config()
   config.training.batch_size = 6
   with pytest.raises(ValueError, match=r'training.batch_size=6 must be a positive multiple of the 4 devices'):
-    train.check_config(config, 4)
+    experiment.check_config(config, 4)
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
@@ -324,29 +279,8 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
   for f in files:
     with open(f, 'r+b') as handle:
       handle.truncate(10)
-  with pytest.raises(ValueError, match=r'Cannot restore the checkpoint at step 1 in .*checkpoints'):
+  with pytest.raises(ConfigError, match=r'Cannot restore the checkpoint at step 1 in .*checkpoints'):
     train.train_and_evaluate(config, str(tmp_path))
-
-
-class TrainStateBeforeFlatMoments(flax.struct.PyTreeNode):
-  """The train state of checkpoints written before 2026-11-30: Adam's moments as trees like the params."""
-  step: jax.Array
-  params: dict
-  ema_params: dict
-  opt_state: tuple
-
-
-def test_checkpoint_with_per_leaf_adam_moments_is_a_clear_error(tmp_path):
-  config = tiny_config()
-  model, tx = unet_from_config(config.model), train.create_optimizer(config.optim)
-  state = train.create_train_state(config, model, tx, jax.random.key(0))
-  manager = train.checkpoint_manager(str(tmp_path))
-  manager.save(1, args=ocp.args.StandardSave(TrainStateBeforeFlatMoments(
-      step=state.step, params=state.params, ema_params=state.ema_params, opt_state=tx.init(state.params))))
-  manager.wait_until_finished()
-  abstract = train.abstract_train_state(config, model, tx, train.create_mesh())
-  with pytest.raises(ValueError, match=r'(?s)Cannot restore the checkpoint at step 1 in .*opt_state\[1\]\[0\]\.mu'):
-    train.restore_state(manager, abstract)
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -366,4 +300,4 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, mo
   monkeypatch.setattr(train, 'make_train_step', poisoned)
   with pytest.raises(train.NonFiniteLossError, match=r'The loss is nan at step 3.*last good checkpoint is at step 2'):
     train.train_and_evaluate(config, str(tmp_path))
-  assert train.checkpoint_manager(str(tmp_path)).all_steps() == [2]
+  assert checkpoints.manager(str(tmp_path)).all_steps() == [2]

@@ -1,10 +1,7 @@
 """The U-Net: parameter counts of the paper, initialisation, bad settings and parity with diffusers."""
 import json
 import os
-import re
-from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +10,7 @@ from safetensors.numpy import load_file
 
 from conftest import FIXTURES
 from diffusion_jax.models import convert
-from diffusion_jax.models.unet import (ResnetBlock, UNet, conv1x1, param_grads_first, timestep_embedding,
-                                       unet_from_config)
+from diffusion_jax.models.unet import UNet, timestep_embedding, unet_from_config
 
 
 def count_params(model, size, channels=3):
@@ -61,83 +57,6 @@ def test_timestep_embedding_formula():
   emb = timestep_embedding(t, 8)
   w = np.exp(-np.log(10000) * np.arange(4) / 3)
   np.testing.assert_allclose(emb, np.concatenate([np.sin(np.outer(t, w)), np.cos(np.outer(t, w))], 1), atol=1e-4)
-
-
-def test_conv1x1_is_the_dense_contraction_over_channels():
-  """conv1x1 and its gradients equal lax.dot_general's (a float64 einsum for the values); other shapes are refused."""
-  rng = np.random.default_rng(0)
-  x, w, g = (rng.normal(size=shape).astype(np.float32) for shape in ((2, 4, 5, 6), (6, 3), (2, 4, 5, 3)))
-  dims = (((3,), (0,)), ((), ()))
-  np.testing.assert_allclose(conv1x1(x, w, dims), np.einsum('bhwc,cd->bhwd', x.astype(np.float64), w), rtol=1e-5,
-                             atol=1e-5)
-  loss = lambda dot_general: lambda x, w: jnp.sum(dot_general(x, w, dims) * g)
-  for ours, reference in zip(jax.grad(loss(conv1x1), (0, 1))(x, w), jax.grad(loss(jax.lax.dot_general), (0, 1))(x, w)):
-    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
-  x16, w16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)  # As nn.Dense passes them under bfloat16.
-  ours, reference = conv1x1(x16, w16, dims), jax.lax.dot_general(x16, w16, dims)
-  assert ours.dtype == reference.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.float32(ours), np.float32(reference), rtol=2e-2, atol=2e-2)
-  with pytest.raises(ValueError, match=r'contracts the channels of \(B, H, W, C\) maps; got \(4, 5, 6\)'):
-    conv1x1(x[0], w, (((2,), (0,)), ((), ())))
-
-
-def test_1x1_projections_are_convolutions():
-  """The shortcut and attention projections run as 1x1 convolutions; of the Dense layers only the timestep
-  embedding's are dots."""
-  model = UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8)
-  x, t = jnp.ones((1, 16, 16, 1)), jnp.zeros((1,), jnp.int32)
-  params = jax.eval_shape(model.init, jax.random.key(0), x, t)
-  text = jax.jit(model.apply).lower(params, x, t).as_text(debug_info=True)
-  ops = set(re.findall(r'loc\("[^"]*/(\w+)/(conv_general_dilated|dot_general)"', text))
-  assert {layer for layer, op in ops if op == 'dot_general'} == {'temb_dense0', 'temb_dense1', 'temb_proj'}
-  assert {'q', 'k', 'v', 'proj_out', 'shortcut'} <= {layer for layer, op in ops if op == 'conv_general_dilated'}
-
-
-class _Wrapper(nn.Module):
-  """call(inner, *args) directly, or through param_grads_first."""
-  inner: nn.Module
-  ordered: bool
-  call: Callable = lambda mdl, *args: mdl(*args)
-
-  def __call__(self, *args):
-    return param_grads_first(self.call, self.inner, *args) if self.ordered else self.call(self.inner, *args)
-
-
-def test_param_grads_first_leaves_values_and_gradients_unchanged():
-  """A ResNet block's output and gradients (parameters and both inputs) are the same with or without the ordering."""
-  rng = np.random.default_rng(0)
-  x, temb, g = (rng.normal(size=shape).astype(np.float32) for shape in ((2, 8, 8, 8), (2, 32), (2, 8, 8, 16)))
-  block, call = ResnetBlock(16, dropout=0.0, num_groups=4), lambda mdl, x, temb: mdl(x, temb, train=False)
-  params = _Wrapper(block, False, call).init(jax.random.key(0), x, temb)['params']
-  results = []
-  for ordered in (False, True):
-    apply = lambda p, x, temb: _Wrapper(block, ordered, call).apply({'params': p}, x, temb)
-    out, vjp = jax.vjp(jax.jit(apply), params, x, temb)
-    results.append((out, *vjp(g)))
-  for plain, ordered in zip(*map(jax.tree.leaves, results)):
-    np.testing.assert_allclose(ordered, plain, rtol=1e-6, atol=1e-6)
-
-
-class _SqrtOfParam(nn.Module):
-  """x + sqrt(p) with p = 0: a finite output and input gradient, an infinite parameter gradient."""
-
-  @nn.compact
-  def __call__(self, x):
-    return x + jnp.sqrt(self.param('p', nn.initializers.zeros, ()))
-
-
-def test_param_grads_first_makes_input_gradients_depend_on_parameter_gradients():
-  """The order is a data dependency: an infinite parameter gradient reaches the input gradient (NaN) only then."""
-  x = jnp.ones((3,))
-  params = _Wrapper(_SqrtOfParam(), False).init(jax.random.key(0), x)['params']
-  for ordered in (False, True):
-    param_grads, x_grad = jax.grad(
-        lambda p, x: jnp.sum(_Wrapper(_SqrtOfParam(), ordered).apply({'params': p}, x)), (0, 1))(params, x)
-    assert np.isinf(param_grads['inner']['p'])
-    if ordered:
-      assert np.isnan(x_grad).all()
-    else:
-      np.testing.assert_array_equal(x_grad, np.ones(3))
 
 
 @pytest.mark.parametrize('kwargs, size, message', [
@@ -206,7 +125,7 @@ def test_import_diffusers_checkpoint_into_a_workdir_and_sample(tmp_path):
   """The CLI path: a diffusers folder becomes a step-0 checkpoint that sample mode reads."""
   import shutil
   from configs import default
-  from diffusion_jax import import_diffusers, sample, train
+  from diffusion_jax import import_diffusers, sample
   meta, _, io = load_fixture('two_attn')
   model_dir = tmp_path / 'hub'
   model_dir.mkdir()

@@ -13,6 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from diffusion_jax.checks import ConfigError, MissingFileError
 from diffusion_jax.models.unet import UNet, unet_from_config
 
 # Old checkpoints name the attention projections query/key/value/proj_attn (diffusers renames them on load).
@@ -29,21 +30,21 @@ def model_config_from_diffusers(config: dict) -> tuple[ml_collections.ConfigDict
                   mid_block_scale_factor=1, attention_head_dim=None, class_embed_type=None, num_class_embeds=None)
   differing = {k: config.get(k, v) for k, v in expected.items() if config.get(k, v) != v}
   if differing:
-    raise ValueError(f'This diffusers UNet2DModel differs from Ho et al.\'s architecture in {differing}; '
-                     f'expected {({k: expected[k] for k in differing})}.')
+    raise ConfigError(f'This diffusers UNet2DModel differs from Ho et al.\'s architecture in {differing}; '
+                      f'expected {({k: expected[k] for k in differing})}.')
   widths = list(config['block_out_channels'])
   ch = widths[0]
   if any(w % ch for w in widths):
-    raise ValueError(f'block_out_channels {widths} are not multiples of the first width {ch}.')
+    raise ConfigError(f'block_out_channels {widths} are not multiples of the first width {ch}.')
   down, up = config['down_block_types'], config['up_block_types']
   size = config['sample_size']
   size = size[0] if isinstance(size, (list, tuple)) else size
   attn_resolutions = [size // 2**level for level, kind in enumerate(down) if kind.startswith('Attn')]
   if [kind.startswith('Attn') for kind in down] != [kind.startswith('Attn') for kind in reversed(up)]:
-    raise ValueError(f'Attention in down_block_types {down} and up_block_types {up} is not symmetric.')
+    raise ConfigError(f'Attention in down_block_types {down} and up_block_types {up} is not symmetric.')
   if config['out_channels'] != config['in_channels']:
-    raise ValueError(f'out_channels={config["out_channels"]} differs from in_channels={config["in_channels"]}; '
-                     f'this project predicts an output of the input\'s shape.')
+    raise ConfigError(f'out_channels={config["out_channels"]} differs from in_channels={config["in_channels"]}; '
+                      f'this project predicts an output of the input\'s shape.')
   model = ml_collections.ConfigDict(dict(
       ch=ch, ch_mult=tuple(w // ch for w in widths), num_res_blocks=config['layers_per_block'],
       attn_resolutions=tuple(attn_resolutions), dropout=float(config.get('dropout', 0.0)), resamp_with_conv=True,
@@ -78,7 +79,7 @@ def flax_name(key: str, num_levels: int) -> tuple[str, ...]:
       return f'mid_block{index}', RESNET_NAMES[rest], leaf
     if part == 'attentions' and index == '0' and rest in ATTENTION_NAMES:
       return 'mid_attn', ATTENTION_NAMES[rest], leaf
-  raise ValueError(f'Unexpected key {key!r} in the diffusers state dict.')
+  raise ConfigError(f'Unexpected key {key!r} in the diffusers state dict.')
 
 
 def convert_tensor(value: np.ndarray, leaf: str) -> tuple[str, np.ndarray]:
@@ -126,7 +127,7 @@ def params_from_state_dict(state_dict: dict[str, np.ndarray], model: UNet, image
     problems.append(f'Missing {len(missing)} parameter(s) in the state dict: {missing[:8]}'
                     f'{" ..." if len(missing) > 8 else ""}.')
   if problems:
-    raise ValueError('Cannot convert the diffusers state dict:\n  ' + '\n  '.join(problems))
+    raise ConfigError('Cannot convert the diffusers state dict:\n  ' + '\n  '.join(problems))
   params: dict[str, Any] = {}
   for path, array in converted.items():
     node = params
@@ -147,15 +148,15 @@ def load_diffusers_unet(path: str) -> tuple[UNet, dict[str, Any], ml_collections
   weights_path = os.path.join(path, 'diffusion_pytorch_model.safetensors')
   for p in (config_path, weights_path):
     if not os.path.exists(p):
-      raise FileNotFoundError(f'{p} not found: a diffusers UNet2DModel folder holds config.json and '
-                              f'diffusion_pytorch_model.safetensors (e.g. the unet/ folder of google/ddpm-cifar10-32).')
+      raise MissingFileError(f'{p} not found: a diffusers UNet2DModel folder holds config.json and '
+                             f'diffusion_pytorch_model.safetensors (e.g. the unet/ folder of google/ddpm-cifar10-32).')
   with open(config_path) as f:
     diffusers_config = json.load(f)
   model_config, data_config = model_config_from_diffusers(diffusers_config)
   try:
     state_dict = load_file(weights_path)
   except Exception as e:
-    raise ValueError(f'Cannot read {weights_path}: {e}') from e
+    raise ConfigError(f'Cannot read {weights_path}: {e}') from e
   model = unet_from_config(model_config)
   params = params_from_state_dict(state_dict, model, data_config.image_size, data_config.channels)
   return model, params, model_config, data_config

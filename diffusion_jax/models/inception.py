@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.checks import ConfigError, MissingFileError
+
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
 INPUT_SIZE = 299
@@ -46,7 +48,7 @@ Padding = Union[int, tuple[int, int]]
 def grayscale_to_rgb(images: jax.Array) -> jax.Array:
   """Images (N, H, W, 1) repeated to (N, H, W, 3), as FID implementations do for MNIST; RGB passes unchanged."""
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f'Expected images of shape (N, H, W, 1) or (N, H, W, 3), got {images.shape}.')
+    raise ConfigError(f'Expected images of shape (N, H, W, 1) or (N, H, W, 3), got {images.shape}.')
   return jnp.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
@@ -264,20 +266,20 @@ def inception_params_from_torch_state_dict(state_dict: dict[str, np.ndarray]) ->
   if unexpected:
     problems.append(f'Unexpected key(s) {unexpected[:8]}{" ..." if len(unexpected) > 8 else ""}.')
   if problems:
-    raise ValueError('Cannot convert the state dict into the FID Inception (expected the arrays of pytorch-fid\'s '
-                     'pt_inception-2015-12-05-6726825d.pth):\n  ' + '\n  '.join(problems))
+    raise ConfigError('Cannot convert the state dict into the FID Inception (expected the arrays of pytorch-fid\'s '
+                      'pt_inception-2015-12-05-6726825d.pth):\n  ' + '\n  '.join(problems))
   return flax.traverse_util.unflatten_dict(converted)
 
 
 def load_inception_params(path: str) -> dict[str, Any]:
   """Variables {'params', 'batch_stats'} of `InceptionV3` from a .npz of pytorch-fid's state dict."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f'FID Inception weights {path} not found. {HOW_TO_CONVERT}')
+    raise MissingFileError(f'FID Inception weights {path} not found. {HOW_TO_CONVERT}')
   if path.endswith('.pth'):
-    raise ValueError(f'{path} is a torch checkpoint; this project reads its arrays from a .npz. {HOW_TO_CONVERT}')
+    raise ConfigError(f'{path} is a torch checkpoint; this project reads its arrays from a .npz. {HOW_TO_CONVERT}')
   try:
     with np.load(path) as data:
       state_dict = {key: data[key] for key in data.files}
   except Exception as e:
-    raise ValueError(f'Cannot read {path} as a .npz of arrays ({e}). {HOW_TO_CONVERT}') from e
+    raise ConfigError(f'Cannot read {path} as a .npz of arrays ({e}). {HOW_TO_CONVERT}') from e
   return inception_params_from_torch_state_dict(state_dict)

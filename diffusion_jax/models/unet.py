@@ -5,28 +5,18 @@ timesteps t (B,) and, for a class-conditional model, integer labels y (B,) to an
 of shape (B, H, W, out_channels).
 """
 import math
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.checks import ConfigError
+
 
 def default_init(scale: float = 1.0):
   """Ho et al.'s init: variance scaling, fan_avg, uniform; scale 0 means 1e-10 (near zero)."""
   return nn.initializers.variance_scaling(1e-10 if scale == 0 else scale, 'fan_avg', 'uniform')
-
-
-def conv1x1(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None, preferred_element_type=None):
-  """lax.dot_general of feature maps lhs (B, H, W, Cin) with a kernel rhs (Cin, Cout) over Cin, as a 1x1 convolution.
-
-  Returns (B, H, W, Cout): the same products and sums as the dot (nn.Dense's kernel and bias unchanged). On
-  CPUs, XLA runs the backward pass of a 1x1 convolution 1.5-2x faster than that of the dot (README "Benchmarks").
-  """
-  if lhs.ndim != 4 or dimension_numbers != (((3,), (0,)), ((), ())):
-    raise ValueError(f'conv1x1 contracts the channels of (B, H, W, C) maps; got {lhs.shape} with {dimension_numbers}.')
-  return jax.lax.conv_general_dilated(lhs, rhs[None, None], (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                      precision=precision, preferred_element_type=preferred_element_type)
 
 
 def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
@@ -47,45 +37,26 @@ def level_resolutions(image_size: int, num_levels: int) -> list[int]:
 
 def check_unet_config(image_size: int, in_channels: int, ch: int, ch_mult: Sequence[int],
                       attn_resolutions: Sequence[int], num_groups: int, num_res_blocks: int) -> None:
-  """Raises a ValueError naming the problem when the U-Net cannot be built for these settings."""
+  """Raises a ConfigError naming the problem when the U-Net cannot be built for these settings."""
   if not isinstance(image_size, int) or image_size < 1:
-    raise ValueError(f'image size must be a positive integer, got {image_size!r}.')
+    raise ConfigError(f'image size must be a positive integer, got {image_size!r}.')
   if in_channels < 1 or ch < 1 or num_res_blocks < 1 or not ch_mult:
-    raise ValueError(f'in_channels, ch, num_res_blocks and len(ch_mult) must be positive; got in_channels='
-                     f'{in_channels}, ch={ch}, num_res_blocks={num_res_blocks}, ch_mult={tuple(ch_mult)}.')
+    raise ConfigError(f'in_channels, ch, num_res_blocks and len(ch_mult) must be positive; got in_channels='
+                      f'{in_channels}, ch={ch}, num_res_blocks={num_res_blocks}, ch_mult={tuple(ch_mult)}.')
   factor = 2 ** (len(ch_mult) - 1)
   if image_size < factor:
-    raise ValueError(f'image size {image_size} is too small for {len(ch_mult)} levels (ch_mult={tuple(ch_mult)}): '
-                     f'it must be at least 2^(levels-1) = {factor}.')
+    raise ConfigError(f'image size {image_size} is too small for {len(ch_mult)} levels (ch_mult={tuple(ch_mult)}): '
+                      f'it must be at least 2^(levels-1) = {factor}.')
   widths = sorted({ch * m for m in ch_mult})
   bad = [w for w in widths if w % num_groups]
   if bad:
-    raise ValueError(f'channel widths {bad} (ch={ch} x ch_mult={tuple(ch_mult)}) are not divisible by the '
-                     f'{num_groups} GroupNorm groups (model.num_groups).')
+    raise ConfigError(f'channel widths {bad} (ch={ch} x ch_mult={tuple(ch_mult)}) are not divisible by the '
+                      f'{num_groups} GroupNorm groups (model.num_groups).')
   resolutions = level_resolutions(image_size, len(ch_mult))
   missing = [r for r in attn_resolutions if r not in resolutions]
   if missing:
-    raise ValueError(f'attention resolution(s) {missing} never occur: the feature maps of a {image_size}px image '
-                     f'are {resolutions} with ch_mult={tuple(ch_mult)}.')
-
-
-def param_grads_first(call: Callable, module: nn.Module, *args):
-  """call(module, *args), whose backward pass finishes module's parameter gradients before its input gradients.
-
-  Left to itself, XLA:CPU's scheduler may compute a parameter gradient (a GroupNorm bias: a sum over the
-  cotangent) only at the end of the backward pass, holding a full-size cotangent until then: the MNIST-scale
-  train step's temporaries were 0.28 GiB instead of 0.22 (README "Benchmarks"). XLA:CPU removes optimization
-  barriers before it schedules, so the order is a data dependency: the input gradients get 0 * (the sum of the
-  first element of each parameter gradient) added. The gradients are unchanged where the parameter gradients
-  are finite; a NaN or infinite one makes the input gradients NaN (the clipped update is NaN either way).
-  """
-  def backward(vjp_fn, cotangent):
-    param_grads, *input_grads = vjp_fn(cotangent)
-    zero = 0.0 * sum(leaf.ravel()[0] for leaf in jax.tree.leaves(param_grads))
-    return (param_grads, *(g + zero.astype(g.dtype) for g in input_grads))
-
-  forward = lambda mdl, *a: nn.vjp(call, mdl, *a)
-  return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward)(module, *args)
+    raise ConfigError(f'attention resolution(s) {missing} never occur: the feature maps of a {image_size}px image '
+                      f'are {resolutions} with ch_mult={tuple(ch_mult)}.')
 
 
 class ResnetBlock(nn.Module):
@@ -107,8 +78,7 @@ class ResnetBlock(nn.Module):
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv('conv1', scale=0.0)(h)
     if x.shape[-1] != self.out_ch:
-      x = nn.Dense(self.out_ch, kernel_init=default_init(), dtype=self.dtype, dot_general=conv1x1,
-                   name='shortcut')(x)
+      x = nn.Dense(self.out_ch, kernel_init=default_init(), dtype=self.dtype, name='shortcut')(x)
     return x + h
 
 
@@ -120,8 +90,7 @@ class AttnBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     B, H, W, C = x.shape
-    dense = lambda name, scale=1.0: nn.Dense(C, kernel_init=default_init(scale), dtype=self.dtype,
-                                             dot_general=conv1x1, name=name)
+    dense = lambda name, scale=1.0: nn.Dense(C, kernel_init=default_init(scale), dtype=self.dtype, name=name)
     h = nn.GroupNorm(num_groups=self.num_groups, epsilon=1e-6, dtype=self.dtype, name='norm')(x)
     q, k, v = (dense(name)(h).reshape(B, H * W, C) for name in ('q', 'k', 'v'))
     logits = jnp.einsum('bic,bjc->bij', q, k).astype(jnp.float32) * C**-0.5  # Softmax in float32 under bf16.
@@ -153,8 +122,8 @@ class UNet(nn.Module):
     """x: (B, H, W, C) images; t: (B,) int timesteps; y: (B,) int labels in [0, num_classes] (conditional only)."""
     B, H, W, C = x.shape
     if (y is None) != (self.num_classes == 0):
-      raise ValueError('A class-conditional U-Net (num_classes > 0) needs labels y and an unconditional one takes '
-                       f'none; got num_classes={self.num_classes} and y={"None" if y is None else y.shape}.')
+      raise ConfigError('A class-conditional U-Net (num_classes > 0) needs labels y and an unconditional one takes '
+                        f'none; got num_classes={self.num_classes} and y={"None" if y is None else y.shape}.')
     num_levels = len(self.ch_mult)
     check_unet_config(H, C, self.ch, self.ch_mult, self.attn_resolutions, self.num_groups, self.num_res_blocks)
     factor = 2 ** (num_levels - 1)
@@ -170,12 +139,9 @@ class UNet(nn.Module):
     if self.num_classes:  # A learned embedding per class plus one for the null label, added to temb.
       temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, dtype=self.dtype, name='label_embedding')(y)
 
-    # The blocks, each with its parameter gradients computed as soon as the backward pass has gone through it.
-    resblock = lambda out_ch, name, x: param_grads_first(
-        lambda mdl, x, temb: mdl(x, temb, train),
-        ResnetBlock(out_ch, self.dropout, self.num_groups, self.dtype, name=name), x, temb)
-    attn = lambda name, x: param_grads_first(
-        lambda mdl, x: mdl(x), AttnBlock(self.num_groups, self.dtype, name=name), x)
+    resblock = lambda out_ch, name, x: ResnetBlock(out_ch, self.dropout, self.num_groups, self.dtype, name=name)(
+        x, temb, train)
+    attn = lambda name, x: AttnBlock(self.num_groups, self.dtype, name=name)(x)
 
     hs = [conv3(self.ch, 'conv_in')(h)]
     for level, mult in enumerate(self.ch_mult):
@@ -222,7 +188,7 @@ def unet_from_config(model_config) -> UNet:
   """The UNet described by config.model (model.dtype: 'float32', or 'bfloat16' compute with float32 params)."""
   dtype = model_config.get('dtype', 'float32')
   if dtype not in DTYPES:
-    raise ValueError(f'Unknown model.dtype {dtype!r}; choose one of {sorted(DTYPES)}.')
+    raise ConfigError(f'Unknown model.dtype {dtype!r}; choose one of {sorted(DTYPES)}.')
   return UNet(ch=model_config.ch, ch_mult=tuple(model_config.ch_mult), num_res_blocks=model_config.num_res_blocks,
               attn_resolutions=tuple(model_config.attn_resolutions), dropout=model_config.dropout,
               resamp_with_conv=model_config.resamp_with_conv, out_channels=model_config.get('out_channels'),

@@ -1,0 +1,189 @@
+"""The XLA:CPU module: its flags, device count and micro-batches, and that the core runs without it.
+
+The tests that look at XLA's compiled programs (YNNPACK fusions, the scheduler's peak) know jaxlib 0.10-0.11
+and skip with a reason on other versions.
+"""
+import os
+import platform
+import subprocess
+import sys
+
+import jax
+import jaxlib.version
+import numpy as np
+import pytest
+
+from conftest import REPO
+from configs import default
+from configs.tiny import get_config as tiny_config
+from diffusion_jax import xla_cpu
+from diffusion_jax.checks import ConfigError
+
+MEMORY_SCHEDULER_FLAG = '--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'
+KNOWN_JAXLIB = xla_cpu.YNN_FLAG_JAXLIB_VERSIONS[0] <= tuple(
+    int(v) for v in jaxlib.version.__version__.split('.')[:2]) < xla_cpu.YNN_FLAG_JAXLIB_VERSIONS[1]
+needs_known_jaxlib = pytest.mark.skipif(not KNOWN_JAXLIB, reason=f'looks at XLA:CPU programs of jaxlib 0.10-0.11, '
+                                        f'not {jaxlib.version.__version__}')
+
+
+def run_python(code: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-c', code, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, **(env or {})))
+
+
+@pytest.mark.parametrize('user_flags, jaxlib_version, scheduler, expected', [
+    ('', '0.10.2', 'default', xla_cpu.YNN_FLAG),
+    ('--xla_force_host_platform_device_count=4', '0.11.0', 'default',
+     f'--xla_force_host_platform_device_count=4 {xla_cpu.YNN_FLAG}'),
+    ('--xla_cpu_experimental_ynn_fusion_type=', '0.10.2', 'default', '--xla_cpu_experimental_ynn_fusion_type='),
+    ('', '0.12.0', 'default', ''),  # Versions not known to take the flag are left alone.
+    ('', '0.9.1', 'default', ''),
+    ('', '0.10.2', 'memory_optimized', f'{xla_cpu.YNN_FLAG} {MEMORY_SCHEDULER_FLAG}'),
+    ('', '0.12.0', 'memory_optimized', MEMORY_SCHEDULER_FLAG),
+    ('--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT', '0.12.0', 'memory_optimized',
+     '--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT'),  # The user's.
+])
+def test_xla_flags(monkeypatch, user_flags, jaxlib_version, scheduler, expected):
+  monkeypatch.setenv('XLA_FLAGS', user_flags)
+  monkeypatch.setattr(jaxlib.version, '__version__', jaxlib_version)
+  config = default.get_config()
+  config.cpu_scheduler = scheduler
+  config.num_cpu_devices = 1
+  monkeypatch.setattr(jax.config, 'update', lambda *args: None)  # The backend of this process has started.
+  xla_cpu.set_flags(config)
+  assert os.environ['XLA_FLAGS'] == expected
+
+
+def test_unknown_cpu_scheduler_is_refused_before_any_flag_is_set(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '')
+  config = default.get_config()
+  config.cpu_scheduler = 'memory'
+  with pytest.raises(ConfigError, match=r"Unknown cpu_scheduler 'memory'; choose one of default, memory_optimized, "):
+    xla_cpu.set_flags(config)
+  assert os.environ['XLA_FLAGS'] == ''
+
+
+@pytest.mark.parametrize('num_cpu_devices, batch_sizes, expected', [(1, (8, 4), 1), (-1, (8, 4), 2), (-1, (6, 3), 1),
+                                                                   (3, (9, 9), 3)])
+def test_the_cpu_is_split_into_devices(num_cpu_devices, batch_sizes, expected):
+  """num_cpu_devices devices, or for -1 the most (on 2 cores: up to 2) that divide both batch sizes."""
+  if num_cpu_devices == -1 and len(os.sched_getaffinity(0)) != 2:
+    pytest.skip('the expected counts are those of 2 cores')
+  code = ('import sys; from configs import default; from diffusion_jax import xla_cpu; c = default.get_config(); '
+          'c.num_cpu_devices, c.training.batch_size, c.sampling.batch_size = map(int, sys.argv[1:]); '
+          'xla_cpu.set_flags(c); import jax; print(jax.device_count())')
+  result = run_python(code, str(num_cpu_devices), *map(str, batch_sizes), env={'XLA_FLAGS': ''})
+  assert result.stdout.strip() == str(expected), result.stderr[-2000:]
+
+
+@pytest.mark.parametrize('batch_size, num_devices, expected', [(128, 1, 8), (32, 1, 1), (48, 1, 3), (40, 1, 1),
+                                                               (256, 4, 4), (16, 2, 1)])
+def test_micro_batches_of_16_per_device(batch_size, num_devices, expected):
+  assert xla_cpu.micro_batches(batch_size, num_devices) == expected
+
+
+def test_tune_resolves_only_the_automatic_grad_accum_steps():
+  config = tiny_config()
+  config.training.batch_size, config.training.grad_accum_steps = 64 * jax.device_count(), 0
+  xla_cpu.tune(config)
+  assert config.training.grad_accum_steps == 4
+  config.training.grad_accum_steps = 2
+  xla_cpu.tune(config)
+  assert config.training.grad_accum_steps == 2
+
+
+def test_the_core_does_not_import_the_cpu_module():
+  """Training, sampling, evaluation and the builder run without xla_cpu: main.py applies it from outside."""
+  code = ('import sys; from diffusion_jax import checkpoints, evaluate, experiment, import_diffusers, sample, train; '
+          'print("diffusion_jax.xla_cpu" in sys.modules)')
+  result = run_python(code)
+  assert result.stdout.strip() == 'False', result.stderr[-2000:]
+
+
+TRAIN_STEP_PEAK = """
+import sys
+from configs.tiny import get_config
+from diffusion_jax import xla_cpu
+config = get_config()
+config.cpu_scheduler = sys.argv[1]
+config.data.image_size, config.model.ch, config.training.batch_size, config.model.dropout = 16, 16, 32, 0.1
+config.model.attn_resolutions = (8,)
+xla_cpu.set_flags(config)
+import jax, numpy as np
+from diffusion_jax import experiment, train
+exp = experiment.build(config)
+batch = train.shard_batch({'image': np.zeros((32, 16, 16, 1), np.float32), 'label': np.zeros((32,), np.int32)}, exp.mesh)
+lowered = train.make_train_step(exp).whole.lower(exp.abstract_state, batch, jax.random.key(1))
+print(lowered.compile().memory_analysis().temp_size_in_bytes, flush=True)
+"""
+
+
+@needs_known_jaxlib
+def test_memory_optimized_scheduler_lowers_the_train_step_peak():
+  """XLA's peak temporary memory of a compiled train step is lower with cpu_scheduler='memory_optimized'."""
+  default_run, memory_run = (run_python(TRAIN_STEP_PEAK, scheduler, env={'XLA_FLAGS': ''})
+                             for scheduler in ('default', 'memory_optimized'))
+  assert default_run.returncode == memory_run.returncode == 0, default_run.stderr[-2000:] + memory_run.stderr[-2000:]
+  default_peak, memory_peak = int(default_run.stdout), int(memory_run.stdout)
+  assert memory_peak < 0.95 * default_peak, (memory_peak, default_peak)
+
+
+@needs_known_jaxlib
+def test_ynn_flag_keeps_convolutions_off_ynnpack():
+  """With the module's flag XLA:CPU compiles a convolution without YNNPACK; the user's flag can bring it back."""
+  code = ('from configs import default; from diffusion_jax import xla_cpu; xla_cpu.set_flags(default.get_config()); '
+          'import jax; conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=('
+          '"NHWC", "HWIO", "NHWC")); x, w = jax.numpy.ones((2, 16, 16, 64)), jax.numpy.ones((3, 3, 64, 64)); '
+          'print("ynn_fusion" in jax.jit(conv).lower(x, w).compile().as_text())')
+  project = run_python(code, env={'XLA_FLAGS': ''})
+  user = run_python(code, env={'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=individual_convolution'})
+  assert (project.stdout.strip(), user.stdout.strip()) == ('False', 'True'), project.stderr[-2000:] + user.stderr[-2000:]
+
+
+RELEASE_AFTER_COMPILE = """
+import re
+import jax, jax.numpy as jnp
+from configs.tiny import get_config
+from diffusion_jax import xla_cpu
+rss = lambda: int(re.search(r'VmRSS:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024
+blocks = [bytearray(100_000) for _ in range(3000)]  # 300 MB in glibc's heap (blocks below its mmap threshold).
+top = bytearray(100_000)  # Allocated last, on top of the heap: glibc then keeps the freed blocks below it.
+del blocks
+xla_cpu.TRIM_AFTER_COMPILE_SECONDS = 0.0
+if __import__('sys').argv[1] == 'tuned':
+  xla_cpu.tune(get_config())
+before = rss()
+jax.jit(lambda x: jnp.sin(x) * 2).lower(jnp.ones(3)).compile()
+print(before, rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc',
+                    reason='glibc on Linux only')
+def test_tune_hands_freed_memory_back_after_a_compilation():
+  """After xla_cpu.tune, a compilation is followed by malloc_trim: the 300 MB freed in the heap leave the process."""
+  tuned, plain = (run_python(RELEASE_AFTER_COMPILE, kind) for kind in ('tuned', 'plain'))
+  (tuned_before, tuned_after), (plain_before, plain_after) = (map(int, r.stdout.split()) for r in (tuned, plain))
+  assert tuned_before - tuned_after > 250e6, (tuned_before, tuned_after, tuned.stderr[-2000:])
+  assert abs(plain_before - plain_after) < 100e6, (plain_before, plain_after, plain.stderr[-2000:])
+
+
+def test_micro_batched_step_equals_the_whole_batch_with_the_cpu_default(tmp_path):
+  """The CPU default's micro-batches give the update of the whole batch (no dropout), to float32 rounding."""
+  from diffusion_jax import experiment, train  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.training.batch_size = 48
+  states = {}
+  for accum in (1, 0):
+    c = config.copy_and_resolve_references()
+    c.training.grad_accum_steps = accum
+    xla_cpu.tune(c)
+    exp = experiment.build(c)
+    rng = np.random.default_rng(0)
+    batch = {'image': rng.uniform(-1, 1, (48, 8, 8, 1)).astype(np.float32), 'label': np.zeros(48, np.int32)}
+    state = exp.init_state(jax.random.key(0))
+    states[exp.grad_accum_steps], _ = train.make_train_step(exp)(
+        state, train.shard_batch(batch, exp.mesh, exp.grad_accum_steps), jax.random.key(1))
+  assert sorted(states) == [1, 48 // jax.device_count() // 16]
+  for a, b in zip(*(jax.tree.leaves(s.params) for s in states.values())):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
