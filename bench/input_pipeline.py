@@ -9,9 +9,11 @@ median of --repeats timings of --batches batches, after a warm-up), and its rati
 CIFAR-10 train step consumes at batch 128: ~2,500 img/s on an H100 (~0.05 s a step), ~1-2
 img/s on a 2-core CPU (60-150 s a step). Figures only; nothing is asserted.
 """
+import datetime
 import io
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -19,12 +21,16 @@ from absl import app, flags
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results  # pylint: disable=g-import-not-at-top,wrong-import-position  # bench/results.py.
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('source', 'memory', ['memory', 'folder', 'random_access'], 'Where the images come from.')
 flags.DEFINE_integer('num_images', 50_000, 'Synthetic images in the dataset.')
 flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
 flags.DEFINE_integer('batches', 200, 'Batches per timing.')
 flags.DEFINE_integer('repeats', 3, 'Timings; the median is reported.')
+flags.DEFINE_string('out_dir', results.DEFAULT_DIR, "Folder for input_pipeline_SOURCE.md and .json ('' for none).")
 
 H100_IMAGES_PER_S = 2_500  # CIFAR-10 train step at batch 128 on an H100: ~0.05 s.
 CPU_STEP_SECONDS = (60, 150)  # The same step on the project's 2-core CPU.
@@ -76,13 +82,16 @@ def main(argv):
   labels = rng.integers(0, 10, FLAGS.num_images).astype(np.int32)
   rate = images_per_second(make_data(images, labels))
   cpu_rates = [FLAGS.batch_size / s for s in CPU_STEP_SECONDS]
-  print(f'Input pipeline ({FLAGS.source}): {FLAGS.num_images:,} images of 32x32x3, batch {FLAGS.batch_size}, '
-        f'random flips, {os.cpu_count()} CPU cores.')
-  print(f'  pipeline:           {rate:,.0f} img/s ({rate / FLAGS.batch_size:,.1f} batches/s)')
-  print(f'  H100 train step:    ~{H100_IMAGES_PER_S:,} img/s  -> pipeline / consumption = '
-        f'{rate / H100_IMAGES_PER_S:.1f}x')
-  print(f'  CPU train step:     ~{cpu_rates[1]:.1f}-{cpu_rates[0]:.1f} img/s -> pipeline / consumption = '
-        f'{rate / cpu_rates[0]:,.0f}-{rate / cpu_rates[1]:,.0f}x')
+  lines = [f'{datetime.date.today()}: input pipeline ({FLAGS.source}), {FLAGS.num_images:,} images of 32x32x3, '
+           f'batch {FLAGS.batch_size}, random flips, {os.cpu_count()} CPU cores.',
+           f'  pipeline:           {rate:,.0f} img/s ({rate / FLAGS.batch_size:,.1f} batches/s)',
+           f'  H100 train step:    ~{H100_IMAGES_PER_S:,} img/s  -> pipeline / consumption = '
+           f'{rate / H100_IMAGES_PER_S:.1f}x',
+           f'  CPU train step:     ~{cpu_rates[1]:.1f}-{cpu_rates[0]:.1f} img/s -> pipeline / consumption = '
+           f'{rate / cpu_rates[0]:,.0f}-{rate / cpu_rates[1]:,.0f}x']
+  print('\n'.join(lines))
+  results.write(FLAGS.out_dir, f'input_pipeline_{FLAGS.source}', '\n'.join(lines),
+                {'source': FLAGS.source, 'batch': FLAGS.batch_size, 'images_per_second': rate})
 
 
 if __name__ == '__main__':

@@ -17,12 +17,16 @@ import time
 
 from absl import app, flags
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results  # pylint: disable=g-import-not-at-top,wrong-import-position  # bench/results.py.
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list('configs', ['default', 'mnist', 'cifar10'], 'Config modules under configs/.')
 flags.DEFINE_integer('batch', 16, 'Images per sampling batch.')
 flags.DEFINE_list('ddim_steps', ['10', '20', '50', '100'], 'DDIM step counts.')
 flags.DEFINE_integer('repeats', 1, 'Timed batches per sampler (median).')
 flags.DEFINE_bool('ddpm_estimate', False, 'Estimate DDPM from DDIM-100 instead of running all T steps.')
+flags.DEFINE_string('out_dir', results.DEFAULT_DIR, "Folder for sampling_speed.md and .json ('' for none).")
 
 
 def cpu_name() -> str:
@@ -46,7 +50,7 @@ def main(argv):
   device = f'{jax.devices()[0].device_kind} x {mesh.size}'
   if jax.devices()[0].platform == 'cpu':
     device += f' ({cpu_name()}, {os.cpu_count()} cores)'
-  rows = []
+  rows, figures = [], []
   for name in FLAGS.configs:
     config = importlib.import_module(f'configs.{name}').get_config()
     config.training.batch_size = config.sampling.batch_size = FLAGS.batch
@@ -76,10 +80,13 @@ def main(argv):
     for label, s in seconds.items():
       rows.append(f'| {name} ({num_params / 1e6:.2f}M, {shape[1]}x{shape[2]}x{shape[3]}) | {label} | {FLAGS.batch} | '
                   f'{s:.2f} | {FLAGS.batch / s:.2f} |')
+      figures.append({'config': name, 'params': num_params, 'sampler': label, 'batch': FLAGS.batch, 'seconds': s})
 
-  print(f'\n{datetime.date.today()}, {device}; command: python {" ".join(sys.argv)}\n')
-  print('| model | sampler | batch | seconds per batch | images/s |\n|---|---|---|---|---|')
-  print('\n'.join(rows))
+  header = f'{datetime.date.today()}, {device}; command: python {" ".join(sys.argv)}'
+  table = '\n'.join([header, '', '| model | sampler | batch | seconds per batch | images/s |', '|---|---|---|---|---|',
+                     *rows])
+  print('\n' + table)
+  results.write(FLAGS.out_dir, 'sampling_speed', table, {'header': header, 'rows': figures})
 
 
 if __name__ == '__main__':

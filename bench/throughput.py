@@ -15,10 +15,14 @@ import glob
 import os
 import re
 import statistics
+import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results  # pylint: disable=g-import-not-at-top,wrong-import-position  # bench/results.py.
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'The config to measure.', lock_config=True)
@@ -26,6 +30,7 @@ flags.DEFINE_integer('steps', 10, 'Timed calls per measurement.')
 flags.DEFINE_integer('sample_steps', 50, 'DDIM steps for the sampling measurement (0: skip).')
 flags.DEFINE_string('profile_dir', None, 'Trace one train step into this directory and print where its time goes.')
 flags.DEFINE_integer('profile_top', 15, 'Slowest ops to list with --profile_dir.')
+flags.DEFINE_string('out_dir', results.DEFAULT_DIR, "Folder for throughput.md and .json ('' for none).")
 
 
 def median_seconds(fn, steps):
@@ -100,10 +105,13 @@ def main(argv):
     with jax.profiler.trace(FLAGS.profile_dir):
       one_step()
   params = sum(x.size for x in jax.tree.leaves(state.params))
-  print(f'device: {jax.devices()[0].device_kind} x {mesh.size}; model: {params:,} parameters, '
-        f'{size}x{size}x{channels}')
-  print(f'train step, batch {batch_size}: {seconds:.3f} s ({1 / seconds:.2f} steps/s, '
-        f'{batch_size / seconds:.1f} images/s, {flops / seconds / 1e9:.1f} GFLOP/s)')
+  lines = [f'device: {jax.devices()[0].device_kind} x {mesh.size}; model: {params:,} parameters, '
+           f'{size}x{size}x{channels}; command: python {" ".join(sys.argv)}',
+           f'train step, batch {batch_size}: {seconds:.3f} s ({1 / seconds:.2f} steps/s, '
+           f'{batch_size / seconds:.1f} images/s, {flops / seconds / 1e9:.1f} GFLOP/s)']
+  figures = {'device': jax.devices()[0].device_kind, 'devices': mesh.size, 'params': params, 'batch': batch_size,
+             'train_step_seconds': seconds, 'flops_per_step': flops}
+  print('\n'.join(lines))
   if FLAGS.profile_dir:
     print_profile(compiled_text, FLAGS.profile_dir, FLAGS.profile_top, seconds)
   if FLAGS.sample_steps:
@@ -112,7 +120,10 @@ def main(argv):
     seconds = median_seconds(lambda: jax.block_until_ready(sample_fn(holder[0].ema_params, jax.random.key(2), 0)),
                              max(1, FLAGS.steps // 5))
     n = config.sampling.batch_size
-    print(f'DDIM-{FLAGS.sample_steps}, batch {n}: {seconds:.2f} s ({n / seconds:.2f} images/s)')
+    lines.append(f'DDIM-{FLAGS.sample_steps}, batch {n}: {seconds:.2f} s ({n / seconds:.2f} images/s)')
+    figures.update(sample_steps=FLAGS.sample_steps, sample_batch=n, sample_seconds=seconds)
+    print(lines[-1])
+  results.write(FLAGS.out_dir, 'throughput', '\n\n'.join(lines), figures)
 
 
 if __name__ == '__main__':

@@ -21,7 +21,6 @@ Models: any configs/<name>.py (cifar10, mnist, default, ...), unconditional, eps
 """
 import ctypes
 import datetime
-import functools
 import json
 import os
 import platform
@@ -36,6 +35,7 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results as results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position  # bench/results.py.
 import torch_worker  # pylint: disable=g-import-not-at-top,wrong-import-position  # bench/torch_worker.py: the protocol.
 from diffusion_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -61,6 +61,8 @@ flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype: m
                   'torch.autocast on the PyTorch side; parameters stay float32 on both.')
 flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s for MFU (default: from the table PEAK_TFLOPS by device kind).')
 flags.DEFINE_integer('seed', 0, 'Seed of parameters and inputs.')
+flags.DEFINE_string('out_dir', results_lib.DEFAULT_DIR, 'Folder for the table (vs_pytorch.md) and the figures '
+                    '(vs_pytorch.json) of the run; \'\' for none.')
 flags.DEFINE_enum('worker', None, ['jax'], 'Internal: run as the JAX worker process, serving stdin requests.')
 
 KNOWN_PARAMS = {'cifar10': 35_746_307}  # Ho et al.'s CIFAR-10 model; google/ddpm-cifar10-32.
@@ -152,7 +154,7 @@ class JaxBench:
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-    from diffusion_jax import experiment, sampling, train  # pylint: disable=g-import-not-at-top
+    from diffusion_jax import experiment, runtime, sampling, train  # pylint: disable=g-import-not-at-top
     xla_cpu.tune(config)
     self.jax = jax
 
@@ -169,7 +171,8 @@ class JaxBench:
     rng = np.random.default_rng(r['seed'] + 1)
     images = rng.uniform(-1, 1, (batch, size, size, channels)).astype(np.float32)
     batch_sharding = NamedSharding(mesh, P('batch'))
-    forward = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t, train=False))
+    forward = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t, train=False),
+                      compiler_options=runtime.inference_compiler_options())  # As the samplers.
     reply = {}
     start = time.perf_counter()
     if op == 'train':
@@ -577,7 +580,10 @@ def main(argv):
   for f in os.listdir(log_dir):
     os.remove(os.path.join(log_dir, f))
   os.rmdir(log_dir)
-  print(report(results, command, started, machine))
+  table = report(results, command, started, machine)
+  print(table)
+  results_lib.write(FLAGS.out_dir, 'vs_pytorch', table,
+                    {'command': command, 'date': started, 'machine': machine, 'rows': results})
 
 
 if __name__ == '__main__':

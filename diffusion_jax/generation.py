@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
-from diffusion_jax import images, sampling
+from diffusion_jax import images, runtime, sampling
 from diffusion_jax.schedules import Schedule
 
 SampleFn = Callable[[Any, jax.Array, int], jax.Array]
@@ -41,7 +41,7 @@ def make_sample_fn(model: nn.Module, schedule: Schedule, sampler: sampling.Sampl
   """
   batch_sharding = NamedSharding(mesh, P('batch'))
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=runtime.inference_compiler_options())
   def sample_fn(params, rng, first_index):
     def model_fn(x, t, labels=None):
       x = jax.lax.with_sharding_constraint(x, batch_sharding)

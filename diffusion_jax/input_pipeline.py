@@ -21,7 +21,7 @@ host h of n reads (and decodes) only its contiguous 1/n slice of each global bat
 at step s, or running on more hosts or devices, sees exactly the same examples, whether the
 source is in memory or read by random access.
 
-TensorFlow (0.6 GiB of memory) is imported on first use (`tensorflow()`), with the GPUs hidden from it:
+TensorFlow (0.6 GiB of memory) is imported on first use, with the GPUs hidden from it:
 training from a TFDS or tf.data source needs it, sampling and the benchmarks do not.
 """
 from __future__ import annotations
@@ -40,11 +40,15 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import weakref
 
 from absl import logging
+from etils import epy
 import numpy as np
 from PIL import Image, ImageOps
 
 from diffusion_jax import images as images_lib
 from diffusion_jax.checks import ConfigError, check_positive_int
+
+with epy.lazy_imports():
+  import tensorflow as tf
 
 
 LSUN_CATEGORIES = (
@@ -59,11 +63,9 @@ LOAD_CHUNK = 1024  # Examples decoded and resized at a time while loading a TFDS
 
 
 @functools.cache
-def tensorflow():
-  """TensorFlow, imported on first use with the GPUs hidden from it: it only feeds data, JAX owns the accelerators."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+def hide_gpus_from_tensorflow() -> None:
+  """Imports TensorFlow and hides the GPUs from it, before it uses a device: it only feeds data, JAX owns them."""
   tf.config.set_visible_devices([], 'GPU')
-  return tf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +141,6 @@ class RandomAccessData:
     def read_numpy(index, flip):
       image = decode_image(self.source[int(index)]['image'], self.image_size, self.channels)
       return np.ascontiguousarray(image[:, ::-1]) if flip else image
-    tf = tensorflow()
     image = tf.numpy_function(read_numpy, [index, flip], tf.uint8, stateful=False)
     return tf.ensure_shape(image, self.image_shape), tf.constant(0, tf.int32)
 
@@ -245,7 +246,7 @@ def prepare_tfds(builder, name: str, random_access: bool, download: bool) -> Non
 
 def load_tfds(name: str, data_config) -> Data:
   """A TFDS training split at data.image_size: in memory, or by random access for the 256px datasets."""
-  tf = tensorflow()
+  hide_gpus_from_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   source = TFDS_DATASETS[name]
   builder = tfds.builder(source.name, data_dir=data_config.get('data_dir'))
@@ -277,7 +278,7 @@ def list_image_files(folder: str, class_subfolders: bool) -> tuple[list[str], li
   Hidden files and folders (names starting with '.') are left out. The classes are the top-level
   subfolders that hold images when `class_subfolders`, and none otherwise or for a flat folder.
   """
-  tf = tensorflow()
+  hide_gpus_from_tensorflow()
   paths, others = [], 0
   for directory, subdirs, files in tf.io.gfile.walk(folder):
     subdirs[:] = [d.rstrip('/') for d in subdirs if not d.startswith('.')]  # Prunes the walk.
@@ -302,7 +303,7 @@ def list_image_files(folder: str, class_subfolders: bool) -> tuple[list[str], li
 
 def read_image_file(path: str, size: int, channels: int) -> Union[np.ndarray, Exception]:
   """The image file at path as uint8 (size, size, channels), or the exception that reading it raised."""
-  tf = tensorflow()
+  hide_gpus_from_tensorflow()
   try:
     with tf.io.gfile.GFile(path, 'rb') as f:
       return decode_image(f.read(), size, channels)
@@ -312,7 +313,7 @@ def read_image_file(path: str, size: int, channels: int) -> Union[np.ndarray, Ex
 
 def load_image_folder(folder: Optional[str], size: int, channels: int, class_subfolders: bool) -> ImageData:
   """Every PNG/JPEG file under `folder`, decoded and resized once; a file that fails is an error naming it."""
-  tf = tensorflow()
+  hide_gpus_from_tensorflow()
   if not folder:
     raise DatasetError("data.dataset='folder' needs data.folder, a directory of PNG/JPEG files: set "
                        '--config.data.folder=PATH.')
@@ -414,7 +415,7 @@ def close_at_exit(iterator: Iterator) -> Iterator:
 def create_iterator(data: Data, global_batch: int, seed: int, start_step: int = 0, random_flip: bool = False,
                     process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Yields this host's batches {'image': float32 (b, H, W, C) in [-1, 1], 'label': int32 (b,)} from start_step."""
-  tf = tensorflow()
+  hide_gpus_from_tensorflow()
   if global_batch % process_count:
     raise ConfigError(f'batch size {global_batch} is not divisible by the {process_count} processes.')
   local, size = global_batch // process_count, len(data)

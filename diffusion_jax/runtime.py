@@ -6,6 +6,10 @@ import jax
 from jax.sharding import Mesh
 import numpy as np
 
+# Compiler options for programs without gradients (the samplers), which a backend's tuning module may set
+# (xla_cpu.py: no YNNPACK fusions on the CPU); empty, the backend's defaults, unless one does.
+INFERENCE_COMPILER_OPTIONS: dict = {}
+
 # Set by launchers (our launch/ scripts, or by hand) to run several processes on one or more machines.
 COORDINATOR_ENV = 'DIFFUSION_JAX_COORDINATOR'  # host:port of process 0
 NUM_PROCESSES_ENV = 'DIFFUSION_JAX_NUM_PROCESSES'
@@ -41,6 +45,11 @@ def enable_compilation_cache(cache_dir: str | None) -> None:
   if cache_dir and not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(cache_dir))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
+def inference_compiler_options() -> dict:
+  """jax.jit compiler_options for the samplers: INFERENCE_COMPILER_OPTIONS, as a backend's tuning set them."""
+  return dict(INFERENCE_COMPILER_OPTIONS)
 
 
 def create_mesh() -> Mesh:

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from diffusion_jax import checkpoints, experiment, generation, images, input_pipeline, sampling
+from diffusion_jax import checkpoints, experiment, generation, images, input_pipeline, runtime, sampling
 from diffusion_jax.checks import ConfigError, MissingFileError, check_positive_int
 
 
@@ -167,11 +167,11 @@ def interpolate_from_workdir(config: ml_collections.ConfigDict, workdir: str) ->
     return sampling.Sampler('ddim', num_steps, eta=0.0, spacing=s.spacing, clip_x0=False,
                             parameterization=config.diffusion.parameterization)
 
-  @functools.partial(jax.jit, static_argnums=0)
+  @functools.partial(jax.jit, static_argnums=0, compiler_options=runtime.inference_compiler_options())
   def encode(sampler, x):
     return sampling.ddim_invert(model_fn, schedule, sampler, x)
 
-  @functools.partial(jax.jit, static_argnums=0)
+  @functools.partial(jax.jit, static_argnums=0, compiler_options=runtime.inference_compiler_options())
   def decode(sampler, x_T):
     return sampling.sample(model_fn, schedule, sampler, jax.random.key(s.seed), x_T.shape, x_T=x_T)[-1]
 

@@ -57,8 +57,8 @@ class TrainStep:
   """
   num_micro_batches: int
   whole: Callable | None  # (state, batch, rng) -> (state, metrics), when num_micro_batches == 1.
-  micro: Callable | None  # (total, params, step, batch, rng, micro) -> total: (loss, grads) summed, per device.
-  update: Callable | None  # (state, total) -> (state, metrics): the mean over micro-batches and devices, applied.
+  micro: Callable | None  # (total, params, step, batch, rng, i) -> total + micro-batch i's (loss, grads) (device mean).
+  update: Callable | None  # (state, total) -> (state, metrics): the mean over the micro-batches, applied.
   zeros: Callable | None  # params -> a zero total.
 
   def __call__(self, state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:

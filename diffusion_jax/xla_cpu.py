@@ -7,7 +7,8 @@ two calls leaves a correct program that is slower and larger on CPUs. What it se
   op scheduler (config.cpu_scheduler);
 - the number of JAX devices the host CPU is split into (config.num_cpu_devices);
 - on the CPU backend: micro-batches of CPU_MICRO_BATCH per device when training.grad_accum_steps is 0
-  (automatic), and the C heap's free pages handed back to the OS after each large compilation.
+  (automatic); the samplers compiled without YNNPACK fusions (runtime.INFERENCE_COMPILER_OPTIONS); the C
+  heap's free pages handed back to the OS after each large compilation.
 What each buys, measured: docs/performance.md.
 """
 import ctypes
@@ -18,6 +19,7 @@ import os
 from absl import logging
 import jax
 
+from diffusion_jax import runtime
 from diffusion_jax.checks import ConfigError
 
 # XLA:CPU hands convolutions to YNNPACK by default (jaxlib 0.10-0.11), whose kernel gradient is several times
@@ -34,6 +36,10 @@ SCHEDULERS = ('default', 'memory_optimized', 'concurrency_optimized')
 # Examples per device in a micro-batch when training.grad_accum_steps is 0: XLA:CPU trains fastest on small
 # batches (the CIFAR-10 step at batch 128 as 8 micro-batches of 16 takes 0.6x the time of the whole batch).
 CPU_MICRO_BATCH = 16
+
+# A program without gradients (a sampler) runs faster with no YNNPACK fusions at all (the CIFAR-10 forward at
+# batch 128: 6.6 s against 8.3 with YNN_FLAG on an AVX-512 Xeon); a train step keeps YNNPACK's reductions
+# (4.7 s against 3.0 at batch 16 without them).
 
 # Compilations at least this long are followed by a malloc_trim (it takes milliseconds).
 TRIM_AFTER_COMPILE_SECONDS = 1.0
@@ -87,10 +93,14 @@ def micro_batches(batch_size: int, num_devices: int) -> int:
 
 
 def tune(config) -> None:
-  """On the CPU backend: resolves training.grad_accum_steps = 0 to `micro_batches` and trims the C heap after
-  each large compilation. Does nothing on GPUs and TPUs. Call after jax.distributed is initialized."""
+  """On the CPU backend: resolves training.grad_accum_steps = 0 to `micro_batches`, compiles the samplers
+  without YNNPACK fusions, and trims the C heap after each large compilation. Does nothing on GPUs and TPUs.
+  Call after jax.distributed is initialized."""
   if jax.default_backend() != 'cpu':
     return
+  user = {flag.split('=')[0].lstrip('-') for flag in os.environ.get('XLA_FLAGS', '').split() if flag != YNN_FLAG}
+  if _jaxlib_takes_ynn_flag() and YNN_FUSION_OPTION not in user:
+    runtime.INFERENCE_COMPILER_OPTIONS[YNN_FUSION_OPTION] = ''
   if config.training.grad_accum_steps == 0:
     config.training.grad_accum_steps = micro_batches(config.training.batch_size, jax.device_count())
     logging.info('XLA:CPU: training.grad_accum_steps=0 -> %d micro-batch(es).', config.training.grad_accum_steps)

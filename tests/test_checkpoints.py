@@ -28,6 +28,7 @@ def copy_workdir(source: str, tmp_path) -> str:
   return workdir
 
 
+@pytest.mark.slow
 def test_a_checkpoint_holds_params_ema_optimizer_and_meta_items(tmp_path):
   config = tiny_config()
   config.training.num_train_steps = 2
@@ -75,6 +76,7 @@ def test_a_workdir_of_the_earlier_layout_is_refused_with_the_fix(tmp_path):
     train.train_and_evaluate(tiny_config(), workdir)
 
 
+@pytest.mark.slow
 def test_converted_workdir_holds_the_same_state_and_resumes(tmp_path):
   workdir = copy_workdir(LAYOUT1, tmp_path)
   old = ocp.StandardCheckpointer().restore(os.path.join(LAYOUT1, 'checkpoints', '2', 'default'))

@@ -35,6 +35,7 @@ def test_label_embedding_adds_one_row_per_class_and_the_null_label():
   assert count(conditional) - count(plain) == 11 * 4 * 8
 
 
+@pytest.mark.slow
 def test_labels_change_the_output_and_are_required():
   model = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4, num_classes=3)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
@@ -49,6 +50,7 @@ def test_labels_change_the_output_and_are_required():
     UNet(ch=8, ch_mult=(1, 2), attn_resolutions=(4,), num_groups=4).init(jax.random.key(0), x, t, t)
 
 
+@pytest.mark.slow
 def test_train_step_feeds_the_labels_with_null_label_dropout_exactly():
   """The step's loss equals the loss recomputed by hand from the same draws, with dropped labels -> 10."""
   config = conditional_config(label_dropout=0.5)
@@ -102,6 +104,7 @@ def test_conditional_config_errors():
     experiment.check_config(config, 1)
 
 
+@pytest.mark.slow
 def test_bfloat16_training_tracks_float32():
   """10 steps of bf16 compute (float32 params and Adam) give losses within 2% of float32's, step by step."""
   losses = {}

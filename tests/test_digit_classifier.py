@@ -8,6 +8,8 @@ import scipy.ndimage
 
 from diffusion_jax import digit_classifier
 
+pytestmark = pytest.mark.slow  # The classifier is trained first (~25 s).
+
 
 @pytest.fixture(scope='module')
 def cache_dir(tmp_path_factory):

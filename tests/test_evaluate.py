@@ -57,6 +57,7 @@ def rgb_digits(monkeypatch):
   monkeypatch.setattr(input_pipeline, 'load_embedded_digits', rgb)
 
 
+@pytest.mark.slow
 def test_reference_stats_are_of_the_unflipped_training_images(inception_weights, rgb_digits, tmp_path):
   config = rgb_config(inception_weights)
   path = evaluate.compute_reference_stats(config, str(tmp_path))
@@ -72,6 +73,7 @@ def test_reference_stats_are_of_the_unflipped_training_images(inception_weights,
   assert not np.allclose(saved.mu, np.asarray(flipped).mean(0), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_eval_writes_fid_and_inception_score(inception_weights, rgb_digits, tmp_path):
   config = rgb_config(inception_weights)
   workdir = str(tmp_path)
@@ -84,6 +86,7 @@ def test_eval_writes_fid_and_inception_score(inception_weights, rgb_digits, tmp_
   assert results['fid'] > 0 and 1.0 <= results['inception_score'] <= 1008
 
 
+@pytest.mark.slow
 def test_eval_of_digits_with_the_classifier(tmp_path):
   config = tiny_config()
   config.data.image_size = 28

@@ -256,6 +256,7 @@ def test_image_folder_loads_classes_at_the_configured_size(image_folder):
   check_hosts_split_an_epoch(data, 4)
 
 
+@pytest.mark.slow
 def test_image_folder_trains(image_folder, tmp_path):
   from configs.tiny import get_config as tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config()

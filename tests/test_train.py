@@ -23,6 +23,7 @@ def trained(tmp_path_factory):
   return workdir, jax.device_get(state)
 
 
+@pytest.mark.slow
 def test_train_and_evaluate(trained):
   workdir, state = trained
   assert int(state.step) == 3
@@ -36,6 +37,7 @@ def test_train_and_evaluate(trained):
     assert json.load(f)['model']['ch'] == 8
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_last_checkpoint(trained, tmp_path):
   """Training 3 steps, then 2 more on the same workdir, equals training 5 steps at once."""
   workdir, _ = trained
@@ -50,6 +52,7 @@ def test_resume_continues_from_the_last_checkpoint(trained, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, resumed.ema_params, direct.ema_params)
 
 
+@pytest.mark.slow
 def test_sample_mode_writes_png_npz_individual_images_and_the_chain(trained):
   workdir, _ = trained
   config = tiny_config()
@@ -81,6 +84,7 @@ def test_sample_mode_writes_png_npz_individual_images_and_the_chain(trained):
   np.testing.assert_array_equal(plain, saved['images'])
 
 
+@pytest.mark.slow
 def test_sample_mode_errors(trained):
   workdir, _ = trained
   config = tiny_config()
@@ -93,6 +97,7 @@ def test_sample_mode_errors(trained):
     sample.sample_from_workdir(config, workdir)
 
 
+@pytest.mark.slow
 def test_compare_mode_writes_one_labelled_row_per_sampler_and_weights(trained):
   workdir, _ = trained
   config = tiny_config()
@@ -105,6 +110,7 @@ def test_compare_mode_writes_one_labelled_row_per_sampler_and_weights(trained):
   assert picture.shape[0] == 6 * 2 * (8 + 2 * 2) and picture.shape[2] == 3
 
 
+@pytest.mark.slow
 def test_interpolate_mode_inverts_reconstructs_and_interpolates(trained, tmp_path):
   workdir, _ = trained
   config = tiny_config()
@@ -131,6 +137,7 @@ def test_interpolate_mode_inverts_reconstructs_and_interpolates(trained, tmp_pat
     sample.interpolate_from_workdir(config, workdir)
 
 
+@pytest.mark.slow
 def test_workdir_of_another_architecture_is_refused(trained):
   workdir, _ = trained
   config = tiny_config()
@@ -209,6 +216,7 @@ def test_main_prints_only_its_own_errors_as_one_line(error, tmp_path):
                                              'RuntimeError: another bug' in result.stderr)
 
 
+@pytest.mark.slow
 def test_config_override_from_the_command_line(tmp_path):
   """--config.a.b=value reaches train_and_evaluate (seen in the saved config.json), and trains."""
   result = run_main('--config=configs/default.py', f'--workdir={tmp_path}', *TINY_FLAGS,
@@ -222,6 +230,7 @@ def test_config_override_from_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize('signal_number', [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.slow
 def test_interrupted_run_saves_a_checkpoint_and_resumes_from_it(tmp_path, signal_number):
   """Ctrl-C (SIGINT) or kill (SIGTERM) mid-run saves the current step; the next run resumes there."""
   args = [sys.executable, 'main.py', '--config=configs/default.py', f'--workdir={tmp_path}', *TINY_FLAGS,
@@ -244,6 +253,7 @@ def test_interrupted_run_saves_a_checkpoint_and_resumes_from_it(tmp_path, signal
   assert sorted(checkpoints.manager(str(tmp_path)).all_steps())[-1] == steps[0] + 2
 
 
+@pytest.mark.slow
 def test_compilation_cache_from_the_config_unless_the_environment_sets_one(tmp_path):
   code = ('import jax; from diffusion_jax import runtime; runtime.enable_compilation_cache({!r}); '
           'print(jax.config.jax_compilation_cache_dir)')
@@ -262,6 +272,7 @@ def test_compilation_cache_from_the_config_unless_the_environment_sets_one(tmp_p
     # orbax (25 MB): a checkpoint manager loads it.
     ('orbax.checkpoint', 'import tempfile; checkpoints.manager(tempfile.mkdtemp())'),
 ], ids=['tensorflow', 'orbax'])
+@pytest.mark.slow
 def test_heavy_module_is_imported_only_where_used(module, first_use):
   """Importing main.py's modules and the samplers does not load `module`; its first use does."""
   code = (f'import sys; import main; from diffusion_jax import checkpoints, evaluate, sample, sampling, train; '

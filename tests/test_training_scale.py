@@ -71,6 +71,7 @@ def one_device_run(tmp_path_factory):
   return tmp
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one_device(one_device_run, tmp_path):
   """Global batch 8 over 8 simulated devices trains to the same params as over 1 device."""
   finish(run_script([tmp_path / 'run', tmp_path / 'out.npz'], devices=8))
@@ -78,6 +79,7 @@ def test_eight_devices_equal_one_device(one_device_run, tmp_path):
   assert_same_training(tmp_path, one_device_run)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_full_batch(one_device_run, tmp_path):
   """4 devices x 2 micro-batches of 4 train like 1 device with the whole batch of 8 (no dropout)."""
   finish(run_script([tmp_path / 'run', tmp_path / 'out.npz', 4, 2], devices=4))
@@ -108,6 +110,7 @@ def free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(one_device_run, tmp_path):
   """Two processes on 127.0.0.1 (through launch/local.sh), each reading half of every batch, train like one."""
   command = ['bash', os.path.join(REPO, 'launch', 'local.sh'), '--num-processes', '2', '--port', str(free_port()),
@@ -156,6 +159,7 @@ def test_override_flags_rebuild_the_config():
   assert rebuilt.to_dict() == config.to_dict()
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
   """Train 12 steps straight; separately, SIGKILL between checkpoints and resume to 12: identical results."""
   straight = tmp_path / 'straight'
@@ -190,6 +194,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
   assert killed_losses == straight_losses
 
 
+@pytest.mark.slow
 def test_event_files_hold_the_scalars_and_images(tmp_path):
   config = tiny_config()
   config.training.num_train_steps = 2
@@ -270,6 +275,7 @@ def test_batch_not_divisible_by_devices():
     experiment.check_config(config, 4)
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
   config = tiny_config()
   config.training.num_train_steps = 1
@@ -283,6 +289,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
   config = tiny_config()
   config.training.num_train_steps = 6

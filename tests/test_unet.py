@@ -34,6 +34,7 @@ def test_cifar10_config_file_builds_the_paper_model():
   assert count_params(unet_from_config(config.model), config.data.image_size) == 35_746_307
 
 
+@pytest.mark.slow
 def test_output_is_near_zero_at_init():
   model = UNet(ch=32, ch_mult=(1, 2), attn_resolutions=(8,), num_groups=8)
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
@@ -44,6 +45,7 @@ def test_output_is_near_zero_at_init():
   assert float(jnp.abs(out).max()) < 1e-3
 
 
+@pytest.mark.slow
 def test_non_power_of_two_size_is_padded_and_cropped():
   """28x28 pads to 32 (for 4 levels) and crops back; the padding never leaks into the crop's shape."""
   model = UNet(ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8)
@@ -121,6 +123,7 @@ def test_bad_state_dicts():
     convert.model_config_from_diffusers(dict(meta['config'], flip_sin_to_cos=True))
 
 
+@pytest.mark.slow
 def test_import_diffusers_checkpoint_into_a_workdir_and_sample(tmp_path):
   """The CLI path: a diffusers folder becomes a step-0 checkpoint that sample mode reads."""
   import shutil

@@ -119,6 +119,7 @@ print(lowered.compile().memory_analysis().temp_size_in_bytes, flush=True)
 
 
 @needs_known_jaxlib
+@pytest.mark.slow
 def test_memory_optimized_scheduler_lowers_the_train_step_peak():
   """XLA's peak temporary memory of a compiled train step is lower with cpu_scheduler='memory_optimized'."""
   default_run, memory_run = (run_python(TRAIN_STEP_PEAK, scheduler, env={'XLA_FLAGS': ''})
@@ -129,6 +130,7 @@ def test_memory_optimized_scheduler_lowers_the_train_step_peak():
 
 
 @needs_known_jaxlib
+@pytest.mark.slow
 def test_ynn_flag_keeps_convolutions_off_ynnpack():
   """With the module's flag XLA:CPU compiles a convolution without YNNPACK; the user's flag can bring it back."""
   code = ('from configs import default; from diffusion_jax import xla_cpu; xla_cpu.set_flags(default.get_config()); '
@@ -160,6 +162,7 @@ print(before, rss())
 
 @pytest.mark.skipif(not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc',
                     reason='glibc on Linux only')
+@pytest.mark.slow
 def test_tune_hands_freed_memory_back_after_a_compilation():
   """After xla_cpu.tune, a compilation is followed by malloc_trim: the 300 MB freed in the heap leave the process."""
   tuned, plain = (run_python(RELEASE_AFTER_COMPILE, kind) for kind in ('tuned', 'plain'))
@@ -168,6 +171,7 @@ def test_tune_hands_freed_memory_back_after_a_compilation():
   assert abs(plain_before - plain_after) < 100e6, (plain_before, plain_after, plain.stderr[-2000:])
 
 
+@pytest.mark.slow
 def test_micro_batched_step_equals_the_whole_batch_with_the_cpu_default(tmp_path):
   """The CPU default's micro-batches give the update of the whole batch (no dropout), to float32 rounding."""
   from diffusion_jax import experiment, train  # pylint: disable=g-import-not-at-top
@@ -187,3 +191,33 @@ def test_micro_batched_step_equals_the_whole_batch_with_the_cpu_default(tmp_path
   assert sorted(states) == [1, 48 // jax.device_count() // 16]
   for a, b in zip(*(jax.tree.leaves(s.params) for s in states.values())):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+PROGRAMS_YNN = """
+import re, sys
+import numpy as np
+from configs.tiny import get_config
+from diffusion_jax import xla_cpu
+config = get_config()
+xla_cpu.set_flags(config)
+xla_cpu.tune(config)
+import jax
+from diffusion_jax import experiment, train
+exp = experiment.build(config)
+batch = train.shard_batch({'image': np.zeros((8, 8, 8, 1), np.float32), 'label': np.zeros(8, np.int32)}, exp.mesh)
+step_text = train.make_train_step(exp).whole.lower(exp.abstract_state, batch, jax.random.key(1)).compile().as_text()
+sample_text = exp.sample_fn().lower(exp.abstract_params, jax.random.key(1), 0).compile().as_text()
+print(step_text.count('__ynn_fusion'), sample_text.count('__ynn_fusion'))
+"""
+
+
+@needs_known_jaxlib
+@pytest.mark.parametrize('user_flags', ['', '--xla_cpu_experimental_ynn_fusion_type=reduce'])
+@pytest.mark.slow
+def test_samplers_compile_without_ynnpack_unless_the_user_chose(user_flags):
+  """After tune, the sampler's program has no YNNPACK fusion while the train step keeps YNNPACK's reductions;
+  a YNNPACK setting in the user's XLA_FLAGS applies to both."""
+  result = run_python(PROGRAMS_YNN, env={'XLA_FLAGS': user_flags})
+  step_fusions, sample_fusions = map(int, result.stdout.split())
+  assert step_fusions > 0, result.stderr[-2000:]
+  assert (sample_fusions > 0) == bool(user_flags)
