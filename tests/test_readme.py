@@ -1,5 +1,6 @@
 """Every `python ...` command in the README's and docs' code blocks parses: its script or module exists, its flags
 exist, its --config file loads and its --config.* overrides name existing keys with values of the right type."""
+import json
 import os
 import re
 import shlex
@@ -70,3 +71,15 @@ def test_command_parses(document, argv):
   result = subprocess.run([sys.executable, '-c', PARSE_ONLY, target, target, *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert result.returncode == 0, f'{document}: python {shlex.join(argv)}\n{result.stderr[-3000:]}'
+
+
+def test_the_figures_table_is_the_results_file():
+  """The README's table of current figures is what bench/update_readme.py makes of bench/results/vs_pytorch.json."""
+  sys.path.insert(0, os.path.join(REPO, 'bench'))
+  import update_readme  # pylint: disable=g-import-not-at-top
+  with open(update_readme.RESULTS) as f:
+    figures = json.load(f)
+  with open(update_readme.README) as f:
+    readme = f.read()
+  assert update_readme.updated_readme(readme, figures) == readme, 'run python bench/update_readme.py'
+  assert f'| {figures["rows"][0]["jax_median"] / figures["rows"][0]["torch_median"]:.2f} (' in readme
