@@ -45,6 +45,7 @@ def main(argv):
   xla_cpu.set_flags(base)
   import jax  # pylint: disable=g-import-not-at-top
   from diffusion_jax import experiment, runtime, sampling  # pylint: disable=g-import-not-at-top
+  xla_cpu.tune(base)  # Samplers compiled as main.py compiles them.
 
   mesh = runtime.create_mesh()
   device = f'{jax.devices()[0].device_kind} x {mesh.size}'

@@ -34,7 +34,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if value < 1 or value % num_devices:
       raise ConfigError(f'{name}={value} must be a positive multiple of the {num_devices} devices.')
   accum = config.training.grad_accum_steps
-  if not isinstance(accum, int) or accum < 0 or (accum and config.training.batch_size % (accum * num_devices)):
+  if not isinstance(accum, int) or isinstance(accum, bool) or accum < 0 or (accum and config.training.batch_size % (accum * num_devices)):
     raise ConfigError(f'training.grad_accum_steps={accum!r} must be 0 (automatic) or a positive integer such that '
                       f'training.batch_size={config.training.batch_size} is a multiple of grad_accum_steps x the '
                       f'{num_devices} devices.')
