@@ -6,6 +6,8 @@
   python main.py --config=configs/default.py --workdir=runs/digits --mode=compare
   python main.py --config=configs/default.py --workdir=runs/digits --mode=eval
 """
+import difflib
+import os
 import sys
 
 from absl import app, flags, logging
@@ -22,10 +24,63 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 class QuietLibraries(logging.logging.Filter):
-  """Drops the INFO chatter of orbax (several lines per checkpoint); keeps its warnings."""
+  """Drops the INFO chatter of orbax (several lines per checkpoint); keeps its warnings, without tracebacks
+  (a failed write is reported once, by the project's error)."""
 
   def filter(self, record):
-    return record.levelno >= logging.logging.WARNING or '/orbax/' not in record.pathname
+    if '/orbax/' not in record.pathname:
+      return True
+    record.exc_info = record.exc_text = None
+    # The reading modes open checkpoints read-only on purpose; orbax warns about it each time.
+    return record.levelno >= logging.logging.WARNING and not record.getMessage().startswith('Given directory is read')
+
+
+def config_file(argv: list[str]) -> str | None:
+  """The path of the last --config=PATH of argv (absl's flags: the last one counts)."""
+  return next((a.split('=', 1)[1] for a in reversed(argv) if a.startswith('--config=')), None)
+
+
+def unknown_config_key(argv: list[str]) -> str | None:
+  """The first --config.KEY=... of argv that names no field of the config file, with the closest fields."""
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  path = config_file(argv)
+  if path is None or not os.path.isfile(path):
+    return None
+  module = config_flags.config_flags._LoadConfigModule('config_keys', path)  # pylint: disable=protected-access
+  if not hasattr(module, 'get_config'):
+    return None
+  config = module.get_config()
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    node = config
+    for name in arg[len('--config.'):].split('=', 1)[0].split('.'):
+      if not isinstance(node, config_dict.ConfigDict) or name not in node:
+        keys = list(node.keys()) if isinstance(node, config_dict.ConfigDict) else []
+        close = difflib.get_close_matches(name, keys, n=3)
+        hint = f'; did you mean {" or ".join(close)}?' if close else f'; the keys there are {", ".join(keys)}.'
+        return f'{arg.split("=", 1)[0]}: the config has no field {name!r}{hint}'
+      node = node[name]
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; an unreadable config file, an unknown --config.* key or a bad value end in one line."""
+  try:
+    remaining = FLAGS(argv)
+    getattr(FLAGS.config, 'seed', None)  # A config file that did not load raises its OSError at first use.
+    return remaining
+  except flags.Error as e:
+    sys.exit(f'main.py: {e}')
+  except (KeyError, AttributeError, OSError) as e:
+    path = config_file(argv) or ''
+    if isinstance(e, OSError) and not os.access(path, os.R_OK):
+      sys.exit(f'main.py: cannot read the config file --config={path}: '
+               f'{"no such file" if not os.path.exists(path) else "permission denied"}.')
+    message = unknown_config_key(argv)
+    if message is None:
+      raise  # An error inside the config file itself: its traceback shows where.
+    sys.exit(f'main.py: {message}')
 
 
 def main(argv):
@@ -33,7 +88,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(QuietLibraries())
   from diffusion_jax import evaluate, runtime, sample, train, xla_cpu  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.checks import ConfigError  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.checks import ProjectError  # pylint: disable=g-import-not-at-top
   modes = {'train': train.train_and_evaluate, 'sample': sample.sample_from_workdir,
            'compare': sample.compare_from_workdir, 'interpolate': sample.interpolate_from_workdir,
            'eval': evaluate.evaluate, 'reference_stats': evaluate.compute_reference_stats}
@@ -46,9 +101,9 @@ def main(argv):
     runtime.log_devices()
     logging.info('Config:\n%s', config)
     modes[FLAGS.mode](config, FLAGS.workdir)
-  except ConfigError as e:  # The project's own: one line. Any other error keeps its traceback.
+  except ProjectError as e:  # The project's own: one line. Any other error keeps its traceback.
     sys.exit(f'main.py: {e}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -1,14 +1,30 @@
-"""The project's error type for what a user can fix, and the small checks that raise it.
+"""The project's error types for what a user can act on, and the small checks that raise them.
 
-main.py prints a ConfigError (a setting, an input file, a workdir) as one line and exits; any other
-exception is a bug or an environment problem and keeps its traceback.
+main.py prints a ProjectError (a setting, an input file, a workdir, a diverged run) as one line and exits
+with status 1; any other exception is a bug or an environment problem and keeps its traceback.
 """
 import jax
 import numpy as np
 
 
-class ConfigError(ValueError):
+class ProjectError(Exception):
+  """An error the project raises for a situation the user must act on; its message says what to do."""
+
+
+class ConfigError(ProjectError, ValueError):
   """A setting or input the user can fix; the message names the value and what to do."""
+
+
+class WorkdirError(ProjectError, OSError):
+  """The workdir cannot be used: another run holds it, or it cannot be written (the message names the path)."""
+
+
+class CheckpointError(ProjectError):
+  """No checkpoint of the workdir can be restored (the message names every step tried and why)."""
+
+
+class NonFiniteLossError(ProjectError, FloatingPointError):
+  """The loss became NaN or Inf (the message names the step and the last good checkpoint)."""
 
 
 class MissingFileError(ConfigError, FileNotFoundError):

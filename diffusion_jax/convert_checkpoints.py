@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffusion_jax import checkpoints, optim
-from diffusion_jax.checks import ConfigError
+from diffusion_jax import checkpoints, optim, workdir_lock
+from diffusion_jax.checks import ConfigError, ProjectError
 from diffusion_jax.train_state import TrainState
 
 FLAGS = flags.FLAGS
@@ -60,7 +60,7 @@ def convert_workdir(workdir: str) -> list[int]:
   manager = checkpoints.manager(workdir, keep=len(steps))
   for step in steps:
     checkpoints.save(manager, states[step])
-    manager.wait_until_finished()
+    checkpoints.wait_until_finished(manager)
     logging.info('Converted the checkpoint at step %d (the original is in %s).', step,
                  os.path.join(directory, BACKUP, str(step)))
   return steps
@@ -69,8 +69,9 @@ def convert_workdir(workdir: str) -> list[int]:
 def main(argv):
   del argv
   try:
-    steps = convert_workdir(FLAGS.workdir)
-  except ConfigError as e:
+    with workdir_lock.hold(FLAGS.workdir):  # Not while a training run writes there.
+      steps = convert_workdir(FLAGS.workdir)
+  except ProjectError as e:
     sys.exit(f'convert_checkpoints: {e}')
   print(f'Converted the checkpoints at steps {steps} of {FLAGS.workdir}.')
 

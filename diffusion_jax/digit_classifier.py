@@ -20,7 +20,6 @@ of this project with each other; they are not the Inception FID of papers.
 ~/.cache/diffusion_jax/, keyed by VERSION, the seed and the number of steps.
 """
 import os
-import tempfile
 import time
 import zipfile
 from typing import Any, NamedTuple, Optional
@@ -34,7 +33,7 @@ import numpy as np
 import optax
 import scipy.special
 
-from diffusion_jax import input_pipeline, metrics
+from diffusion_jax import files, input_pipeline, metrics
 from diffusion_jax.checks import ConfigError
 from diffusion_jax.images import pad_batch, to_float
 
@@ -187,12 +186,9 @@ def train_classifier(seed: int = 0, num_steps: int = DEFAULT_STEPS) -> Classifie
 def save_classifier(path: str, classifier: ClassifierParams) -> None:
   """Writes the parameters, accuracy and VERSION to the .npz `path` atomically (concurrent runs may race)."""
   flat = flax.traverse_util.flatten_dict(jax.device_get(classifier.params), sep='/')
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=directory, suffix='.npz', delete=False) as f:
+  with files.atomic_write(path) as f:
     np.savez(f, **{f'params/{k}': v for k, v in flat.items()}, version=np.str_(VERSION),
              held_out_accuracy=np.float64(classifier.held_out_accuracy))
-  os.replace(f.name, path)
 
 
 def load_classifier(path: str) -> ClassifierParams:

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from diffusion_jax.checks import ConfigError, MissingFileError, check_positive_int
-from diffusion_jax import digit_classifier, generation, input_pipeline, likelihood, metrics, sample
+from diffusion_jax import digit_classifier, files, generation, input_pipeline, likelihood, metrics, sample
 from diffusion_jax.models import inception
 from diffusion_jax.images import pad_batch
 
@@ -108,7 +108,6 @@ def compute_reference_stats(config: ml_collections.ConfigDict, workdir: str) -> 
                                       config.eval.batch_size, total)
   path = reference_stats_path(config, workdir)
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     mu, sigma = accumulator.statistics()
     metrics.save_statistics(path, mu, sigma, accumulator.count, data.name, 'inception_pool3')
     logging.info('Saved the reference statistics of %d images to %s.', accumulator.count, path)
@@ -154,9 +153,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   if jax.process_index() == 0:
     path = os.path.join(workdir, 'eval', f'{sample.run_name(config)}_step{step}.json')
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'w') as f:
-      json.dump(results, f, indent=2)
+    files.write_text(path, json.dumps(results, indent=2))
     writer = metric_writers.create_default_writer(workdir, asynchronous=False)
     writer.write_scalars(step, {f'eval/{k}': v for k, v in results.items() if isinstance(v, float)})
     writer.flush()

@@ -1,9 +1,10 @@
 """Images: the uint8 <-> [-1, 1] conversions, padding a batch, and pictures (grids, chains, labelled rows) as PNG/GIF."""
 import math
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from diffusion_jax import files
 
 
 def to_float(images):
@@ -36,9 +37,9 @@ def make_grid(images: np.ndarray, ncols: int | None = None, padding: int = 2, pa
 
 
 def save_png(image: np.ndarray, path: str) -> None:
-  """Saves a uint8 image (H, W, 1 or 3) as PNG, creating the folder."""
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+  """Saves a uint8 image (H, W, 1 or 3) as PNG (atomically), creating the folder."""
+  with files.atomic_write(path) as f:
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format='PNG')
 
 
 def chain_strip(chain: np.ndarray, padding: int = 2) -> np.ndarray:
@@ -48,11 +49,11 @@ def chain_strip(chain: np.ndarray, padding: int = 2) -> np.ndarray:
 
 
 def save_gif(frames: np.ndarray, path: str, seconds_per_frame: float = 0.25, hold_last: int = 4) -> None:
-  """Saves uint8 frames (F, H, W, C) as a looping animated GIF; the last frame is shown hold_last times longer."""
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  """Saves uint8 frames (F, H, W, C) as a looping animated GIF (atomically); the last frame is shown hold_last times longer."""
   pictures = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
   durations = [int(1000 * seconds_per_frame)] * (len(pictures) - 1) + [int(1000 * seconds_per_frame * hold_last)]
-  pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+  with files.atomic_write(path) as f:
+    pictures[0].save(f, format='GIF', save_all=True, append_images=pictures[1:], duration=durations, loop=0)
 
 
 def labelled_rows(rows: list[np.ndarray], labels: list[str], scale: int = 2) -> np.ndarray:

@@ -14,8 +14,8 @@ from absl import app, flags, logging
 import ml_collections
 from ml_collections import config_flags
 
-from diffusion_jax import checkpoints, experiment
-from diffusion_jax.checks import ConfigError
+from diffusion_jax import checkpoints, experiment, workdir_lock
+from diffusion_jax.checks import ConfigError, ProjectError
 from diffusion_jax.models.convert import load_diffusers_unet
 from diffusion_jax.train_state import TrainState
 
@@ -33,14 +33,15 @@ def import_to_workdir(config: ml_collections.ConfigDict, model_dir: str, workdir
   if differences:
     raise ConfigError(f'The config does not describe the model in {model_dir}; (config, checkpoint): {differences}.')
   exp = experiment.build(config)
-  manager = checkpoints.manager(workdir)
-  if manager.latest_step() is not None:
-    raise ConfigError(f'{workdir} already holds checkpoints; import into a new workdir.')
-  checkpoints.check_workdir_config(config, workdir)
-  checkpoints.write_workdir_config(config, workdir)
-  state = exp.state_from_params(params)
-  checkpoints.save(manager, state)
-  manager.wait_until_finished()
+  with workdir_lock.hold(workdir):  # A writer, like training.
+    manager = checkpoints.manager(workdir)
+    if manager.latest_step() is not None:
+      raise ConfigError(f'{workdir} already holds checkpoints; import into a new workdir.')
+    checkpoints.check_workdir_config(config, workdir)
+    checkpoints.write_workdir_config(config, workdir)
+    state = exp.state_from_params(params)
+    checkpoints.save(manager, state)
+    checkpoints.wait_until_finished(manager)
   logging.info('Imported %s into %s (step 0).', model_dir, workdir)
   return state
 
@@ -49,7 +50,7 @@ def main(argv):
   del argv
   try:
     import_to_workdir(FLAGS.config, FLAGS.model_dir, FLAGS.workdir)
-  except ConfigError as e:
+  except ProjectError as e:
     sys.exit(f'import_diffusers: {e}')
 
 

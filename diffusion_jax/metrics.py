@@ -13,6 +13,7 @@ import numpy as np
 import scipy.linalg
 from scipy.special import log_softmax
 
+from diffusion_jax import files
 from diffusion_jax.checks import ConfigError, MissingFileError
 
 
@@ -134,7 +135,7 @@ def save_statistics(path: str, mu, sigma, num_images: int, dataset: str, feature
   """Writes mu (D,), sigma (D, D) and metadata to the .npz `path` (pytorch-fid reads its mu and sigma)."""
   mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
   check_statistics(mu, sigma, f'statistics for {path}')
-  with open(path, 'wb') as f:  # A file object: np.savez would append '.npz' to other names.
+  with files.atomic_write(path) as f:  # A file object: np.savez would append '.npz' to other names.
     np.savez(f, mu=mu, sigma=sigma, num_images=np.int64(num_images), dataset=np.str_(dataset),
              features=np.str_(features))
 

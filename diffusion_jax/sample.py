@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from diffusion_jax import checkpoints, experiment, generation, images, input_pipeline, runtime, sampling
+from diffusion_jax import checkpoints, experiment, files, generation, images, input_pipeline, runtime, sampling
 from diffusion_jax.checks import ConfigError, MissingFileError, check_positive_int
 
 
@@ -30,7 +30,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str, use_ema: bool | Non
   checkpoint sampling.checkpoint_step (-1: the latest) of workdir, without the optimizer state."""
   exp = experiment.build(config)
   check_positive_int('sampling.num_samples', config.sampling.num_samples)
-  manager = checkpoints.manager(workdir)
+  manager = checkpoints.manager(workdir, read_only=True)
   if manager.latest_step() is None:
     raise MissingFileError(f'No checkpoint in {manager.directory}: train first with --mode=train '
                            f'--workdir={workdir}.')
@@ -85,7 +85,8 @@ def sample_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   if jax.process_index() == 0:
     labels = sample_labels(config, s.num_samples)
     extra = {} if labels is None else {'labels': labels}
-    np.savez_compressed(os.path.join(makedirs(out_dir), 'samples.npz'), images=samples, step=step, **extra)
+    with files.atomic_write(os.path.join(out_dir, 'samples.npz')) as f:
+      np.savez_compressed(f, images=samples, step=step, **extra)
     images.save_png(images.make_grid(*generation.grid_layout(samples[:256], config)),
                     os.path.join(out_dir, 'grid.png'))
     if s.save_individual:
@@ -102,7 +103,8 @@ def compare_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str
   """Writes the DDPM vs DDIM vs EMA comparison picture (see the module docstring); returns its path."""
   s = config.sampling
   exp, ema_params, step = restore(config, workdir, use_ema=True)
-  raw_params, _ = checkpoints.restore_params(checkpoints.manager(workdir), exp.abstract_params, step, use_ema=False)
+  raw_params, _ = checkpoints.restore_params(checkpoints.manager(workdir, read_only=True), exp.abstract_params,
+                                             step, use_ema=False)
   n = s.compare_images
   check_positive_int('sampling.compare_images', n)
   if n % exp.mesh.size:
@@ -188,18 +190,13 @@ def interpolate_from_workdir(config: ml_collections.ConfigDict, workdir: str) ->
 
   out_dir = os.path.join(workdir, 'samples', f'interpolate_step{step}')
   if jax.process_index() == 0:
-    makedirs(out_dir)
     strip = np.concatenate([pair[:1], frames, pair[1:]])
     images.save_png(images.make_grid(strip, len(strip)), os.path.join(out_dir, 'interpolation.png'))
     images.save_gif(np.concatenate([frames, frames[-2:0:-1]]), os.path.join(out_dir, 'interpolation.gif'),
                     hold_last=1)  # There and back.
-    with open(os.path.join(out_dir, 'reconstruction.json'), 'w') as f:
-      json.dump({'step': step, 'reconstruction_mse_by_ddim_steps': reconstruction_mse,
-                 'images': list(s.interpolate_files) or 'the first and the middle training image'}, f, indent=2)
+    files.write_text(os.path.join(out_dir, 'reconstruction.json'), json.dumps(
+        {'step': step, 'reconstruction_mse_by_ddim_steps': reconstruction_mse,
+         'images': list(s.interpolate_files) or 'the first and the middle training image'}, indent=2))
     logging.info('Wrote %s.', out_dir)
   return out_dir
 
-
-def makedirs(path: str) -> str:
-  os.makedirs(path, exist_ok=True)
-  return path

@@ -22,17 +22,15 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffusion_jax import checkpoints, diffusion, experiment, generation, images, input_pipeline, optim, train_state
-from diffusion_jax.checks import ConfigError
+from diffusion_jax import (checkpoints, diffusion, experiment, files, generation, images, input_pipeline, optim,
+                           train_state, workdir_lock)
+from diffusion_jax.checks import ConfigError, NonFiniteLossError
 from diffusion_jax.train_state import TrainState
 
 # Loaded on first use, as a train step or a sampler needs neither: clu's writers load TensorFlow (0.6 GiB) when a
 # run writes its first summary.
 with epy.lazy_imports():
   from clu import metric_writers, periodic_actions
-
-class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or Inf."""
 
 
 def example_randomness(rng: jax.Array, index: jax.Array, num_timesteps: int, image_shape: tuple[int, ...],
@@ -190,22 +188,33 @@ def write_sample_grid(writer, sample_fn, params, config, workdir: str, step: int
 def check_finite(metrics: dict, step: int, manager) -> dict:
   """Returns the metrics as floats; raises NonFiniteLossError (naming the step) if the loss is NaN or Inf."""
   if not np.isfinite(metrics['loss']):
-    manager.wait_until_finished()
+    checkpoints.wait_until_finished(manager)
     last = manager.latest_step()
     where = (f'the last good checkpoint is at step {last} in {manager.directory}' if last is not None
              else 'no checkpoint has been written yet')
-    raise NonFiniteLossError(f'The loss is {metrics["loss"]} at step {step}; stopping without saving it ({where}).')
+    raise NonFiniteLossError(f'The loss is {metrics["loss"]} at step {step}; stopping without saving it ({where}). '
+                             'Lower optim.learning_rate or raise optim.warmup_steps, and train again.')
   return {k: float(v) for k, v in metrics.items()}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains (resuming from workdir's latest checkpoint) and writes logs, checkpoints and sample grids."""
+  """Trains (resuming from workdir's latest checkpoint) and writes logs, checkpoints and sample grids.
+
+  Holds the workdir's lock (workdir_lock) while it runs; a workdir that cannot be written is a WorkdirError.
+  """
   exp = experiment.build(config)
   checkpoints.check_workdir_config(config, workdir)
   data = input_pipeline.load_dataset(config.data)
   if config.model.num_classes and config.model.num_classes != data.num_classes:
     raise ConfigError(f'model.num_classes={config.model.num_classes} but dataset {data.name!r} has '
                       f'{data.num_classes or "no"} classes: set --config.model.num_classes={data.num_classes}.')
+  with workdir_lock.hold(workdir), files.write_errors(workdir):
+    return train(exp, data, workdir)
+
+
+def train(exp: experiment.Experiment, data: input_pipeline.Data, workdir: str) -> TrainState:
+  """The training loop of train_and_evaluate, in a workdir it holds."""
+  config = exp.config
   checkpoints.write_workdir_config(config, workdir)
 
   manager = checkpoints.manager(workdir, config.training.keep_checkpoints)
@@ -254,7 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if step % config.training.sample_every_steps == 0 or is_last:
         write_sample_grid(writer, sample_fn, state.ema_params, config, workdir, step)
   finally:
-    manager.wait_until_finished()
+    checkpoints.wait_until_finished(manager)
     writer.flush()
     stop.restore()
   return state

@@ -273,38 +273,3 @@ def test_batch_not_divisible_by_devices():
   config.training.batch_size = 6
   with pytest.raises(ValueError, match=r'training.batch_size=6 must be a positive multiple of the 4 devices'):
     experiment.check_config(config, 4)
-
-
-@pytest.mark.slow
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
-  config = tiny_config()
-  config.training.num_train_steps = 1
-  train.train_and_evaluate(config, str(tmp_path))
-  step_dir = tmp_path / 'checkpoints' / '1'
-  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs if os.path.getsize(os.path.join(d, f)) > 100]
-  for f in files:
-    with open(f, 'r+b') as handle:
-      handle.truncate(10)
-  with pytest.raises(ConfigError, match=r'Cannot restore the checkpoint at step 1 in .*checkpoints'):
-    train.train_and_evaluate(config, str(tmp_path))
-
-
-@pytest.mark.slow
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-  config = tiny_config()
-  config.training.num_train_steps = 6
-  real = train.make_train_step
-
-  def poisoned(*args):
-    step_fn = real(*args)
-
-    def wrapped(state, batch, rng):
-      state, metrics = step_fn(state, batch, rng)
-      loss = jnp.where(state.step >= 3, jnp.nan, metrics['loss'])
-      return state, dict(metrics, loss=loss)
-    return wrapped
-
-  monkeypatch.setattr(train, 'make_train_step', poisoned)
-  with pytest.raises(train.NonFiniteLossError, match=r'The loss is nan at step 3.*last good checkpoint is at step 2'):
-    train.train_and_evaluate(config, str(tmp_path))
-  assert checkpoints.manager(str(tmp_path)).all_steps() == [2]
