@@ -1,6 +1,7 @@
 """The U-Net: parameter counts of the paper, initialisation, bad settings and parity with diffusers."""
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import FIXTURES
+from diffusion_jax.checks import ConfigError
 from diffusion_jax.models import convert
 from diffusion_jax.models.unet import UNet, timestep_embedding, unet_from_config
 
@@ -119,8 +121,54 @@ def test_bad_state_dicts():
   wrong = dict(state_dict, **{'conv_in.weight': np.zeros((32, 3, 3, 3), np.float32)})
   with pytest.raises(ValueError, match=r"Shape mismatch for 'conv_in.weight'"):
     convert.params_from_state_dict(wrong, model, size, 1)
-  with pytest.raises(ValueError, match=r"differs from Ho et al.'s architecture in \{'flip_sin_to_cos': True\}"):
-    convert.model_config_from_diffusers(dict(meta['config'], flip_sin_to_cos=True))
+
+
+def test_the_importer_decides_about_every_key_of_diffusers_unet2dmodel():
+  """Each keyword of UNet2DModel (recorded from diffusers) is read, fixed, dependent or without effect here, with
+  diffusers' own default (what a config.json without it means)."""
+  with open(os.path.join(FIXTURES, 'diffusers_unet2d_signature.json')) as f:
+    defaults = json.load(f)['defaults']
+  tables = (convert.MAPPED_KEYS, {k: v[0] for k, v in convert.FIXED_KEYS.items()}, convert.DEPENDENT_KEYS,
+            convert.NO_EFFECT_KEYS)
+  ours = {k: list(v) if isinstance(v, tuple) else v for table in tables for k, v in table.items()}
+  assert sum(map(len, tables)) == len(ours)  # No key in two tables.
+  assert ours == defaults
+
+
+# (key, value, the message's phrase): every setting of another network is refused before the weights are read.
+REFUSED = [(key, 'other', f"UNet2DModel {key}='other' is not implemented") for key in (
+    'time_embedding_type', 'mid_block_type', 'downsample_type', 'upsample_type', 'act_fn', 'resnet_time_scale_shift')]
+REFUSED += [('center_input_sample', True, 'center_input_sample=True'), ('freq_shift', 0, 'freq_shift=0'),
+            ('flip_sin_to_cos', True, 'flip_sin_to_cos=True'), ('mid_block_scale_factor', 2, 'factor=2 is not'),
+            ('downsample_padding', 1, 'downsample_padding=1'), ('attention_head_dim', 8, 'attention_head_dim=8'),
+            ('norm_eps', 1e-5, 'norm_eps=1e-05'), ('add_attention', False, 'add_attention=False is not implemented'),
+            ('class_embed_type', 'timestep', "class_embed_type='timestep'"), ('num_class_embeds', 10, 'embeds=10'),
+            ('time_embedding_dim', 64, 'time_embedding_dim=64 is not implemented (only None or 128 here)'),
+            ('attn_norm_num_groups', 4, 'attn_norm_num_groups=4 is not implemented (only None or 32 here)'),
+            ('out_channels', 2, 'out_channels=2 differs from in_channels=1: not implemented'),
+            ('down_block_types', ['ResnetDownsampleBlock2D'] * 3, "down_block_types=['ResnetDownsampleBlock2D'"),
+            ('up_block_types', ['UpBlock2D', 'AttnSkipUpBlock2D', 'AttnUpBlock2D'], "'AttnSkipUpBlock2D'"),
+            ('new_upstream_key', 1, "Unknown UNet2DModel config key 'new_upstream_key' (= 1)")]
+
+
+@pytest.mark.parametrize('key, value, phrase', REFUSED)
+def test_the_importer_refuses_other_networks_in_one_line(key, value, phrase):
+  meta, _, _ = load_fixture('two_attn')
+  with pytest.raises(ConfigError, match=re.escape(phrase)) as error:
+    convert.model_config_from_diffusers(dict(meta['config'], **{key: value}))
+  assert '\n' not in str(error.value)
+
+
+def test_keys_that_name_ho_et_al_s_network_another_way_import_it():
+  """attn_norm_num_groups = norm_num_groups and time_embedding_dim = 4 ch are the network of the parity fixture;
+  a config.json without freq_shift means diffusers' default 0, which is refused."""
+  meta, _, _ = load_fixture('two_attn')
+  same = convert.model_config_from_diffusers(meta['config'])
+  assert convert.model_config_from_diffusers(dict(meta['config'], attn_norm_num_groups=32, time_embedding_dim=128,
+                                                  _name_or_path='x')) == same
+  without = {k: v for k, v in meta['config'].items() if k != 'freq_shift'}
+  with pytest.raises(ConfigError, match='freq_shift=0 is not implemented'):
+    convert.model_config_from_diffusers(without)
 
 
 @pytest.mark.slow

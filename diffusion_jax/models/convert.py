@@ -23,32 +23,68 @@ RESNET_NAMES = {'norm1': 'norm0', 'conv1': 'conv0', 'time_emb_proj': 'temb_proj'
 ATTENTION_NAMES = {'group_norm': 'norm', 'to_q': 'q', 'to_k': 'k', 'to_v': 'v', 'to_out.0': 'proj_out'}
 
 
+# Every keyword argument of diffusers' UNet2DModel (0.42; tests/fixtures/diffusers_unet2d_signature.json) with
+# diffusers' default, which a config.json without the key gets. Read into this U-Net's config:
+MAPPED_KEYS = {'sample_size': None, 'in_channels': 3, 'out_channels': 3, 'block_out_channels': (224, 448, 672, 896),
+               'layers_per_block': 2, 'norm_num_groups': 32, 'dropout': 0.0,
+               'down_block_types': ('DownBlock2D', 'AttnDownBlock2D', 'AttnDownBlock2D', 'AttnDownBlock2D'),
+               'up_block_types': ('AttnUpBlock2D', 'AttnUpBlock2D', 'AttnUpBlock2D', 'UpBlock2D')}
+# Must hold Ho et al.'s value, the only network this U-Net builds: key -> (diffusers' default, Ho et al.'s).
+FIXED_KEYS = {'center_input_sample': (False, False), 'time_embedding_type': ('positional', 'positional'),
+              'freq_shift': (0, 1), 'flip_sin_to_cos': (True, False), 'mid_block_type': ('UNetMidBlock2D',
+                                                                                      'UNetMidBlock2D'),
+              'mid_block_scale_factor': (1, 1), 'downsample_padding': (1, 0), 'downsample_type': ('conv', 'conv'),
+              'upsample_type': ('conv', 'conv'), 'act_fn': ('silu', 'silu'), 'attention_head_dim': (8, None),
+              'norm_eps': (1e-5, 1e-6), 'resnet_time_scale_shift': ('default', 'default'),
+              'add_attention': (True, True), 'class_embed_type': (None, None), 'num_class_embeds': (None, None)}
+# Ho et al.'s network for None or one value that depends on other keys (checked in model_config_from_diffusers):
+# the time embedding's width (4 x the first width) and the middle attention's GroupNorm groups (norm_num_groups).
+DEPENDENT_KEYS = {'time_embedding_dim': None, 'attn_norm_num_groups': None}
+NO_EFFECT_KEYS = {'num_train_timesteps': None}  # Sizes a learned time embedding only (refused above).
+DOWN_BLOCKS, UP_BLOCKS = ('DownBlock2D', 'AttnDownBlock2D'), ('UpBlock2D', 'AttnUpBlock2D')
+
+
 def model_config_from_diffusers(config: dict) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
-  """(config.model, config.data with image_size and channels) of the UNet equal to a diffusers config.json."""
-  expected = dict(time_embedding_type='positional', freq_shift=1, flip_sin_to_cos=False, norm_eps=1e-6,
-                  act_fn='silu', resnet_time_scale_shift='default', downsample_padding=0, center_input_sample=False,
-                  mid_block_scale_factor=1, attention_head_dim=None, class_embed_type=None, num_class_embeds=None)
-  differing = {k: config.get(k, v) for k, v in expected.items() if config.get(k, v) != v}
-  if differing:
-    raise ConfigError(f'This diffusers UNet2DModel differs from Ho et al.\'s architecture in {differing}; '
-                      f'expected {({k: expected[k] for k in differing})}.')
+  """(config.model, config.data with image_size and channels) of the UNet equal to a diffusers config.json.
+
+  Raises a one-line ConfigError naming the first key (and its value) that this U-Net does not implement,
+  including keys unknown to this importer; keys starting with '_' are diffusers' metadata.
+  """
+  known = {**MAPPED_KEYS, **{k: v[0] for k, v in FIXED_KEYS.items()}, **DEPENDENT_KEYS, **NO_EFFECT_KEYS}
+  unknown = sorted(k for k in config if k not in known and not k.startswith('_'))
+  if unknown:
+    raise ConfigError(f'Unknown UNet2DModel config key {unknown[0]!r} (= {config[unknown[0]]!r}): this importer '
+                      'cannot tell whether it changes the network, so it refuses the model.')
+  config = {**known, **config}
+  for key, (_, ho) in FIXED_KEYS.items():
+    if config[key] != ho:
+      raise ConfigError(f'UNet2DModel {key}={config[key]!r} is not implemented (Ho et al.\'s architecture has '
+                        f'{key}={ho!r}); this model cannot be imported.')
   widths = list(config['block_out_channels'])
   ch = widths[0]
+  for key, allowed in (('time_embedding_dim', 4 * ch), ('attn_norm_num_groups', config['norm_num_groups'])):
+    if config[key] not in (None, allowed):
+      raise ConfigError(f'UNet2DModel {key}={config[key]!r} is not implemented (only None or {allowed} here); '
+                        'this model cannot be imported.')
   if any(w % ch for w in widths):
     raise ConfigError(f'block_out_channels {widths} are not multiples of the first width {ch}.')
-  down, up = config['down_block_types'], config['up_block_types']
-  size = config['sample_size']
-  size = size[0] if isinstance(size, (list, tuple)) else size
-  attn_resolutions = [size // 2**level for level, kind in enumerate(down) if kind.startswith('Attn')]
+  down, up = list(config['down_block_types']), list(config['up_block_types'])
+  for key, kinds, allowed in (('down_block_types', down, DOWN_BLOCKS), ('up_block_types', up, UP_BLOCKS)):
+    if any(kind not in allowed for kind in kinds) or len(kinds) != len(widths):
+      raise ConfigError(f'UNet2DModel {key}={kinds} is not implemented: one of {list(allowed)} per width of '
+                        f'block_out_channels {widths}.')
   if [kind.startswith('Attn') for kind in down] != [kind.startswith('Attn') for kind in reversed(up)]:
     raise ConfigError(f'Attention in down_block_types {down} and up_block_types {up} is not symmetric.')
   if config['out_channels'] != config['in_channels']:
-    raise ConfigError(f'out_channels={config["out_channels"]} differs from in_channels={config["in_channels"]}; '
-                      f'this project predicts an output of the input\'s shape.')
+    raise ConfigError(f'UNet2DModel out_channels={config["out_channels"]} differs from in_channels='
+                      f'{config["in_channels"]}: not implemented, as a diffusion model here predicts an output of '
+                      'its input\'s shape (eps, x0 or v).')
+  size = config['sample_size']
+  size = size[0] if isinstance(size, (list, tuple)) else size
   model = ml_collections.ConfigDict(dict(
       ch=ch, ch_mult=tuple(w // ch for w in widths), num_res_blocks=config['layers_per_block'],
-      attn_resolutions=tuple(attn_resolutions), dropout=float(config.get('dropout', 0.0)), resamp_with_conv=True,
-      num_groups=config['norm_num_groups']))
+      attn_resolutions=tuple(size // 2**level for level, kind in enumerate(down) if kind.startswith('Attn')),
+      dropout=float(config['dropout']), resamp_with_conv=True, num_groups=config['norm_num_groups']))
   return model, ml_collections.ConfigDict(dict(image_size=size, channels=config['in_channels']))
 
 
@@ -127,7 +163,7 @@ def params_from_state_dict(state_dict: dict[str, np.ndarray], model: UNet, image
     problems.append(f'Missing {len(missing)} parameter(s) in the state dict: {missing[:8]}'
                     f'{" ..." if len(missing) > 8 else ""}.')
   if problems:
-    raise ConfigError('Cannot convert the diffusers state dict:\n  ' + '\n  '.join(problems))
+    raise ConfigError('Cannot convert the diffusers state dict: ' + ' '.join(problems))
   params: dict[str, Any] = {}
   for path, array in converted.items():
     node = params
