@@ -36,8 +36,11 @@ class QuietLibraries(logging.logging.Filter):
 
 
 def config_file(argv: list[str]) -> str | None:
-  """The path of the last --config=PATH of argv (absl's flags: the last one counts)."""
-  return next((a.split('=', 1)[1] for a in reversed(argv) if a.startswith('--config=')), None)
+  """The path of the last --config=PATH or --config PATH of argv (absl's flags: the last one counts), without
+  the ':ARGS' a config file may take."""
+  paths = [a.split('=', 1)[1] if a.startswith('--config=') else b
+           for a, b in zip(argv, argv[1:] + ['']) if a.startswith('--config=') or a == '--config']
+  return paths[-1].split(':', 1)[0] if paths else None
 
 
 def unknown_config_key(argv: list[str]) -> str | None:
@@ -46,17 +49,19 @@ def unknown_config_key(argv: list[str]) -> str | None:
   path = config_file(argv)
   if path is None or not os.path.isfile(path):
     return None
-  module = config_flags.config_flags._LoadConfigModule('config_keys', path)  # pylint: disable=protected-access
-  if not hasattr(module, 'get_config'):
+  try:  # Only to name the key: a config file that fails here fails the same way for absl, with its traceback.
+    config = config_flags.config_flags._LoadConfigModule('config_keys', path).get_config()  # pylint: disable=protected-access
+  except Exception:  # pylint: disable=broad-except
     return None
-  config = module.get_config()
   for arg in argv:
     if not arg.startswith('--config.'):
       continue
     node = config
     for name in arg[len('--config.'):].split('=', 1)[0].split('.'):
-      if not isinstance(node, config_dict.ConfigDict) or name not in node:
-        keys = list(node.keys()) if isinstance(node, config_dict.ConfigDict) else []
+      if not isinstance(node, config_dict.ConfigDict):
+        return f'{arg.split("=", 1)[0]}: {name!r} is below a field that is not a group of fields.'
+      if name not in node:
+        keys = list(node.keys())
         close = difflib.get_close_matches(name, keys, n=3)
         hint = f'; did you mean {" or ".join(close)}?' if close else f'; the keys there are {", ".join(keys)}.'
         return f'{arg.split("=", 1)[0]}: the config has no field {name!r}{hint}'

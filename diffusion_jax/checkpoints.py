@@ -27,6 +27,7 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from diffusion_jax import files
 from diffusion_jax.checks import CheckpointError, ConfigError, MissingFileError, WorkdirError
@@ -37,6 +38,8 @@ with epy.lazy_imports():  # orbax (25 MB) is loaded by the first checkpoint mana
 
 LAYOUT = 2  # 1: one 'default' item holding the whole state, with Adam's moments as flat vectors (until 2026-12).
 ITEMS = ('params', 'ema_params', 'opt_state', 'meta')
+# Restore errors that say nothing about the files (memory, a storage service's hiccup): raised, never walked past.
+TRANSIENT_ERRORS = ('RESOURCE_EXHAUSTED', 'UNAVAILABLE', 'DEADLINE_EXCEEDED', 'Out of memory')
 UNRESTORABLE = 'unrestorable'  # checkpoints/unrestorable/<step>_<time>: checkpoints that did not restore.
 # Config entries that fix the shapes and meaning of a checkpoint's parameters (dropout does not).
 ARCHITECTURE_KEYS = ('model.ch', 'model.ch_mult', 'model.num_res_blocks', 'model.attn_resolutions',
@@ -89,7 +92,7 @@ def _check_room(checkpoints: ocp.CheckpointManager, state: TrainState) -> None:
   if not os.access(directory, os.W_OK):
     error = errno.EROFS if os.statvfs(directory).f_flag & os.ST_RDONLY else errno.EACCES
     raise OSError(error, os.strerror(error), directory)
-  needed = 1.1 * sum(x.nbytes for x in jax.tree.leaves(state)) / jax.process_count() + 2**20
+  needed = 1.1 * sum(x.nbytes for x in jax.tree.leaves(state)) + 2**20
   free = shutil.disk_usage(directory).free
   if free < needed:
     raise OSError(errno.ENOSPC, f'{os.strerror(errno.ENOSPC)} (the checkpoint needs {needed / 2**20:.1f} MiB, '
@@ -144,12 +147,17 @@ def _restore(checkpoints: ocp.CheckpointManager, step: int | None, move_aside: b
                       f'{sorted(available)}.')
   failed = {}
   for candidate in available if step is None else [step]:
+    items, reason = None, None
     try:
       items = _restore_step(checkpoints, candidate, abstract_items)
     except ConfigError:
       raise
     except Exception as e:  # Orbax and TensorStore raise many types for missing, truncated or garbled files.
-      failed[candidate] = _root_cause(e)
+      reason = _root_cause(e)
+      if any(word in reason for word in TRANSIENT_ERRORS) or isinstance(e, (MemoryError, TimeoutError)):
+        raise  # Not a damaged checkpoint: nothing is moved, the next run tries it again.
+    if _any_process(reason is not None):  # All processes walk back together.
+      failed[candidate] = reason or 'another process could not read its part'
       logging.warning('Cannot restore the checkpoint at step %d in %s (%s).', candidate, checkpoints.directory,
                       failed[candidate])
       continue
@@ -159,6 +167,12 @@ def _restore(checkpoints: ocp.CheckpointManager, step: int | None, move_aside: b
   tried = '; '.join(f'step {s}: {reason}' for s, reason in failed.items())
   raise CheckpointError(f'Cannot restore {"any checkpoint" if step is None else f"the checkpoint at step {step}"} '
                         f'in {checkpoints.directory} ({tried}).')
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def _root_cause(error: BaseException) -> str:

@@ -56,12 +56,14 @@ def os_error_reason(error: BaseException | None) -> str | None:
 
 @contextlib.contextmanager
 def write_errors(workdir: str) -> Iterator[None]:
-  """Turns a WRITE_ERRORS OSError raised in the block into a WorkdirError naming the file and the reason."""
+  """Turns a WRITE_ERRORS OSError on a file of workdir raised in the block into a WorkdirError naming the file and
+  the reason (other errors, e.g. of a dataset or a cache, keep their traceback)."""
   try:
     yield
   except OSError as e:
     reason = os_error_reason(e)
-    if reason is None or isinstance(e, WorkdirError):
+    inside = e.filename and os.path.abspath(str(e.filename)).startswith(os.path.abspath(workdir))
+    if reason is None or not inside or isinstance(e, WorkdirError):
       raise
-    raise WorkdirError(f'Cannot write {e.filename or "into the workdir " + workdir}: {reason}; free space or fix '
-                       'the permissions, or choose another --workdir.') from e
+    raise WorkdirError(f'Cannot write {e.filename}: {reason}; free space or fix the permissions, or choose another '
+                       '--workdir.') from e

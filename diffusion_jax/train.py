@@ -202,13 +202,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   Holds the workdir's lock (workdir_lock) while it runs; a workdir that cannot be written is a WorkdirError.
   """
-  exp = experiment.build(config)
-  checkpoints.check_workdir_config(config, workdir)
-  data = input_pipeline.load_dataset(config.data)
-  if config.model.num_classes and config.model.num_classes != data.num_classes:
-    raise ConfigError(f'model.num_classes={config.model.num_classes} but dataset {data.name!r} has '
-                      f'{data.num_classes or "no"} classes: set --config.model.num_classes={data.num_classes}.')
+  exp = experiment.build(config)  # Checks the config first.
   with workdir_lock.hold(workdir), files.write_errors(workdir):
+    checkpoints.check_workdir_config(config, workdir)
+    data = input_pipeline.load_dataset(config.data)
+    if config.model.num_classes and config.model.num_classes != data.num_classes:
+      raise ConfigError(f'model.num_classes={config.model.num_classes} but dataset {data.name!r} has '
+                        f'{data.num_classes or "no"} classes: set --config.model.num_classes={data.num_classes}.')
     return train(exp, data, workdir)
 
 
@@ -262,8 +262,15 @@ def train(exp: experiment.Experiment, data: input_pipeline.Data, workdir: str) -
         break
       if step % config.training.sample_every_steps == 0 or is_last:
         write_sample_grid(writer, sample_fn, state.ema_params, config, workdir, step)
-  finally:
+  except BaseException:
+    try:  # The error under way is the one to report; a failing checkpoint write is only logged.
+      checkpoints.wait_until_finished(manager)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error('%s', e)
+    raise
+  else:
     checkpoints.wait_until_finished(manager)
+  finally:
     writer.flush()
     stop.restore()
   return state

@@ -5,8 +5,9 @@ when the holder exits in any way, kill -9 included; the file says who holds it (
 is emptied on a clean exit, so that a non-empty file found unlocked is the trace of a holder that died: it is
 taken over with a warning. Object stores (gs://...) have no such lock: the file itself is the lock, written
 after checking that there is none; it is stale, and taken over, only if its holder is a process of this host
-that no longer exists. Its limits: two runs started within the same second may both pass the check, and a
-lock left by a run of another host that died must be deleted by hand (the error names the file).
+that no longer exists. Its limits: two runs started within the time it takes to check and write the object
+may both pass, and a lock left by a run of another host that died must be deleted by hand (the error names
+the file).
 In a multi-process run, process 0 takes the lock and every process learns whether it did.
 """
 from __future__ import annotations
@@ -111,19 +112,23 @@ class ObjectLock:
 
   def __init__(self, workdir: str):
     self.workdir, self.path = workdir, epath.Path(workdir) / LOCK_FILE
+    self.holder = None
 
   def acquire(self) -> None:
     if self.path.exists():
       holder = read_holder(self.path.read_text())
       mine = holder and holder.get('host') == socket.gethostname()
-      if not (mine and not process_exists(holder.get('pid'))):
+      # A restarted container may reuse the pid, even this process's: that holder is gone too.
+      if not (mine and (holder.get('pid') == os.getpid() or not process_exists(holder.get('pid')))):
         raise WorkdirError(f'{locked_error(self.workdir, str(self.path), holder)} If that run is gone, delete '
                            f'{self.path}.')
       logging.warning('Took over the lock %s of a training run that is gone (%s).', self.path, describe(holder))
-    self.path.write_text(json.dumps(this_holder()))
+    self.holder = this_holder()
+    self.path.write_text(json.dumps(self.holder))
 
   def release(self) -> None:
-    self.path.unlink(missing_ok=True)
+    if self.path.exists() and read_holder(self.path.read_text()) == self.holder:  # Not another run's lock.
+      self.path.unlink()
 
 
 @contextlib.contextmanager
@@ -139,11 +144,12 @@ def hold(workdir: str) -> Iterator[None]:
     try:
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
       lock.acquire()
-    except WorkdirError as e:
-      error = e
     except OSError as e:
-      error = WorkdirError(f'Cannot write to the workdir {workdir}: {e.strerror or e} ({lock.path}); choose a '
-                           'writable --workdir.')
+      error = e if isinstance(e, WorkdirError) else WorkdirError(
+          f'Cannot write to the workdir {workdir}: {e.strerror or e} ({lock.path}); choose a writable --workdir.')
+      error.__cause__ = None if error is e else e
+    except Exception as e:  # pylint: disable=broad-except  # E.g. an object store's own error: raised below,
+      error = e             # with its traceback, after the other processes have learnt that it failed.
   if jax.process_count() > 1:
     failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
     if failed and error is None:
@@ -154,4 +160,7 @@ def hold(workdir: str) -> Iterator[None]:
     yield
   finally:
     if jax.process_index() == 0:
-      lock.release()
+      try:
+        lock.release()
+      except OSError as e:  # Never hides the block's own error.
+        logging.warning('Could not release the lock %s: %s', lock.path, e)

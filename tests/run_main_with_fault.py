@@ -6,8 +6,8 @@ FAULT:
   none        no fault;
   nan_at_N    the loss becomes NaN from step N on;
   slow_npz    samples.npz is written in two halves with a pause between them (prints WRITING at the pause);
-  slow_save   every checkpoint save prints SAVING <step> as its asynchronous write starts, and the write of
-              each array is held back 0.5 s (so that a signal arrives while the checkpoint is being written).
+  slow_save   every checkpoint save prints SAVING <step> as it starts, and orbax's save of each item (params,
+              EMA params, optimizer state) is held back 0.5 s: a signal then arrives during the save call.
 """
 import os
 import sys

@@ -156,7 +156,7 @@ def test_object_store_lock_takes_over_only_dead_holders_of_this_host(tmp_path, c
   """The gs:// lock (tried on a local folder): refused while its holder lives or is on another host."""
   path = tmp_path / workdir_lock.LOCK_FILE
   lock = workdir_lock.ObjectLock(str(tmp_path))
-  for holder, taken in (({'host': socket.gethostname(), 'pid': os.getpid(), 'since': 'x'}, False),
+  for holder, taken in (({'host': socket.gethostname(), 'pid': os.getppid(), 'since': 'x'}, False),
                         ({'host': 'another-host', 'pid': 1, 'since': 'x'}, False),
                         ({'host': socket.gethostname(), 'pid': 2**22 + 1, 'since': 'x'}, True)):
     path.write_text(json.dumps(holder))
@@ -275,12 +275,13 @@ def assert_one_line_error(returncode: int, stderr: str, *phrases: str) -> None:
 
 @pytest.mark.slow
 def test_kill_during_sampling_leaves_no_partial_samples(trained_10, tmp_path):
-  process = run_fault('slow_npz', *TINY, f'--workdir={trained_10}', '--mode=sample',
+  workdir = copy_of(trained_10, tmp_path)
+  process = run_fault('slow_npz', *TINY, f'--workdir={workdir}', '--mode=sample',
                       '--config.sampling.num_samples=40', '--config.sampling.seed=7')
   assert process.stdout.readline().strip() == 'WRITING'  # Half of samples.npz is written.
   process.send_signal(signal.SIGKILL)
   process.wait(timeout=60)
-  out_dir = glob.glob(str(trained_10 / 'samples' / '*seed7_step10'))
+  out_dir = glob.glob(str(workdir / 'samples' / '*seed7_step10'))
   assert len(out_dir) == 1
   assert 'samples.npz' not in os.listdir(out_dir[0])
   assert any(name.startswith('.samples.npz.tmp-') for name in os.listdir(out_dir[0]))

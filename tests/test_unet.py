@@ -148,6 +148,7 @@ REFUSED += [('center_input_sample', True, 'center_input_sample=True'), ('freq_sh
             ('out_channels', 2, 'out_channels=2 differs from in_channels=1: not implemented'),
             ('down_block_types', ['ResnetDownsampleBlock2D'] * 3, "down_block_types=['ResnetDownsampleBlock2D'"),
             ('up_block_types', ['UpBlock2D', 'AttnSkipUpBlock2D', 'AttnUpBlock2D'], "'AttnSkipUpBlock2D'"),
+            ('sample_size', None, 'sample_size=None is not implemented'), ('sample_size', [16, 32], 'sample_size=[16, 32]'),
             ('new_upstream_key', 1, "Unknown UNet2DModel config key 'new_upstream_key' (= 1)")]
 
 

@@ -80,7 +80,10 @@ def model_config_from_diffusers(config: dict) -> tuple[ml_collections.ConfigDict
                       f'{config["in_channels"]}: not implemented, as a diffusion model here predicts an output of '
                       'its input\'s shape (eps, x0 or v).')
   size = config['sample_size']
-  size = size[0] if isinstance(size, (list, tuple)) else size
+  size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
+  if not isinstance(size, int) or isinstance(size, bool):
+    raise ConfigError(f'UNet2DModel sample_size={config["sample_size"]!r} is not implemented: a square size (an '
+                      'integer) is.')
   model = ml_collections.ConfigDict(dict(
       ch=ch, ch_mult=tuple(w // ch for w in widths), num_res_blocks=config['layers_per_block'],
       attn_resolutions=tuple(size // 2**level for level, kind in enumerate(down) if kind.startswith('Attn')),
