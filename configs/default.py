@@ -51,6 +51,8 @@ def get_config():
   config.diffusion.beta_end = 0.02
   config.diffusion.parameterization = 'eps'  # eps | x0 | v
   config.diffusion.loss = 'mse'  # mse | l1 | huber
+  config.diffusion.loss_weighting = 'none'  # none (L_simple) | min_snr (Hang et al. 2023: min(SNR, snr_gamma) weights)
+  config.diffusion.snr_gamma = 5.0  # min_snr only: the SNR at which the weights are clipped.
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 1e-3
@@ -74,12 +76,20 @@ def get_config():
   config.training.ema_warmup = True  # Decay min(ema_decay, (1 + step) / (10 + step)).
 
   config.sampling = ml_collections.ConfigDict()
-  config.sampling.method = 'ddim'  # ddpm | ddim | dpm++2m (DPM-Solver++(2M), deterministic: needs eta=0)
-  config.sampling.num_steps = 100  # DDIM / DPM-Solver++ steps; ddpm needs num_timesteps.
+  # ddpm | ddim | dpm++2m (DPM-Solver++(2M), deterministic: needs eta=0) | euler | heun (Karras et al. 2022: need
+  # eta=0; heun makes 2 num_steps - 1 model calls) | euler_a (Euler-ancestral; eta=1 is k-diffusion's)
+  config.sampling.method = 'ddim'
+  config.sampling.num_steps = 100  # DDIM / DPM-Solver++ steps, Karras noise levels before 0; ddpm: num_timesteps.
   config.sampling.eta = 1.0  # Ancestral-like DDIM: cleaner digits than eta=0 from a model trained for minutes.
   config.sampling.spacing = 'uniform'  # uniform | quadratic | trailing
   config.sampling.variance = 'fixedlarge'  # DDPM: fixedlarge (beta_t) | fixedsmall (posterior)
   config.sampling.clip_x0 = True
+  config.sampling.sigma_schedule = 'karras'  # euler | heun | euler_a: the noise levels (Karras et al.'s rho schedule).
+  config.sampling.rho = 7.0  # Karras schedule: larger rho spends more steps at low noise.
+  config.sampling.s_churn = 0.0  # euler | heun: EDM's stochastic churn (0: the deterministic ODE sampler).
+  config.sampling.s_tmin = 0.0  # Churn applies at noise levels sigma in [s_tmin, s_tmax].
+  config.sampling.s_tmax = float('inf')
+  config.sampling.s_noise = 1.0  # Scale of the churn (and euler_a) noise; EDM uses slightly above 1.
   config.sampling.num_samples = 64
   config.sampling.batch_size = 64
   config.sampling.use_ema = True

@@ -13,6 +13,7 @@ from diffusion_jax.schedules import Schedule
 
 PARAMETERIZATIONS = ('eps', 'x0', 'v')
 LOSS_TYPES = ('mse', 'l1', 'huber')
+LOSS_WEIGHTINGS = ('none', 'min_snr')
 
 
 def expand_to(a: jax.Array, ndim: int) -> jax.Array:
@@ -92,10 +93,27 @@ def elementwise_loss(prediction: jax.Array, target: jax.Array, loss_type: str) -
   return jnp.where(abs_diff < 1.0, 0.5 * diff**2, abs_diff - 0.5)
 
 
+def loss_weight(schedule: Schedule, t: jax.Array, parameterization: str, weighting: str = 'none',
+                snr_gamma: float = 5.0) -> jax.Array:
+  """Per-example loss weights (B,) for timesteps t (B,): 1 ('none'), or min-SNR-gamma (Hang et al. 2023).
+
+  With SNR_t = ab_t / (1 - ab_t), min_snr weights the loss of each parameterization as the eps loss weighted by
+  min(SNR, gamma): min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x0, min(SNR, gamma) / (SNR + 1) for v.
+  """
+  check_choice('loss weighting', weighting, LOSS_WEIGHTINGS)
+  check_choice('parameterization', parameterization, PARAMETERIZATIONS)
+  if weighting == 'none':
+    return jnp.ones(t.shape, jnp.float32)
+  snr = (schedule.sqrt_alphas_cumprod[t] / schedule.sqrt_one_minus_alphas_cumprod[t]) ** 2  # No 1 - ab cancellation.
+  clipped = jnp.minimum(snr, snr_gamma)
+  return {'eps': clipped / snr, 'x0': clipped, 'v': clipped / (snr + 1.0)}[parameterization]
+
+
 def diffusion_loss(schedule: Schedule, model_fn: Callable[[jax.Array, jax.Array], jax.Array],
                    x0: jax.Array, t: jax.Array, noise: jax.Array, parameterization: str = 'eps',
-                   loss_type: str = 'mse') -> jax.Array:
-  """Per-example loss (B,), averaged over pixels: L_simple of Ho et al. for eps and mse.
+                   loss_type: str = 'mse', weighting: str = 'none', snr_gamma: float = 5.0) -> jax.Array:
+  """Per-example loss (B,), averaged over pixels and weighted by `loss_weight`: L_simple of Ho et al. for eps, mse
+  and no weighting.
 
   model_fn(x_t, t) returns an output of x_t's shape in the given parameterization;
   t (B,) and noise (like x0) are drawn by the caller (uniform t, standard normal noise).
@@ -103,4 +121,5 @@ def diffusion_loss(schedule: Schedule, model_fn: Callable[[jax.Array, jax.Array]
   x_t = q_sample(schedule, x0, t, noise)
   target = training_target(schedule, t, x0, noise, parameterization)
   losses = elementwise_loss(model_fn(x_t, t), target, loss_type)
-  return losses.reshape(losses.shape[0], -1).mean(axis=1)
+  return losses.reshape(losses.shape[0], -1).mean(axis=1) * loss_weight(schedule, t, parameterization, weighting,
+                                                                         snr_gamma)

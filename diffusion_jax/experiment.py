@@ -23,8 +23,12 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   input_pipeline.check_dataset_name(config.data.dataset)
   for kind, value, allowed in (('noise schedule', config.diffusion.schedule, tuple(BETA_SCHEDULES)),
                                ('parameterization', config.diffusion.parameterization, diffusion.PARAMETERIZATIONS),
-                               ('loss type', config.diffusion.loss, diffusion.LOSS_TYPES)):
+                               ('loss type', config.diffusion.loss, diffusion.LOSS_TYPES),
+                               ('loss weighting', config.diffusion.loss_weighting, diffusion.LOSS_WEIGHTINGS)):
     check_choice(kind, value, allowed)
+  if not config.diffusion.snr_gamma > 0:
+    raise ConfigError(f'diffusion.snr_gamma must be > 0 (min-SNR weighting clips the SNR at it; Hang et al. use 5), '
+                      f'got {config.diffusion.snr_gamma!r}.')
   sampling.sampler_from_config(config).check(config.diffusion.num_timesteps)
   m = config.model
   check_unet_config(config.data.image_size, config.data.channels, m.ch, m.ch_mult, m.attn_resolutions,

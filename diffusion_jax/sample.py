@@ -2,8 +2,9 @@
 
 sample:  samples/<run name>/ grid.png, samples.npz (uint8 images, exactly num_samples, and labels),
          optionally images/00000.png ..., and the denoising chain as chain.png (strip) and chain.gif.
-compare: samples/compare_seed<seed>_step<step>.png: the same noise through DDPM and DDIM at several
-         step counts, with EMA and raw weights, one labelled row each (with its time).
+compare: samples/compare_seed<seed>_step<step>.png: the same noise through DDPM, and DDIM, Karras's Heun and
+         Euler-ancestral at each of several model-call budgets, with EMA and raw weights, one labelled row each
+         (with its steps, model calls and time).
 interpolate: samples/interpolate_step<step>/: two images encoded into x_T by DDIM inversion, spherical
          interpolation between the two x_T decoded by DDIM (interpolation.png strip and .gif), and the
          reconstruction error of the inversion at several step counts (reconstruction.json).
@@ -21,7 +22,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from diffusion_jax import checkpoints, experiment, files, generation, images, input_pipeline, runtime, sampling
+from diffusion_jax import checkpoints, experiment, files, generation, images, input_pipeline, karras, runtime, sampling
 from diffusion_jax.checks import ConfigError, MissingFileError, check_positive_int
 
 
@@ -51,6 +52,10 @@ def run_name(config) -> str:
     method = f'ddpm{config.diffusion.num_timesteps}_{s.variance}'
   elif s.method == 'ddim':
     method = f'ddim{s.num_steps}_eta{s.eta}_{s.spacing}'
+  elif s.method in karras.METHODS:  # e.g. heun10_karras_rho7.0, euler_a20_eta1.0_noise1.0_karras_rho7.0
+    method = s.method + str(s.num_steps) + (f'_eta{s.eta}_noise{s.s_noise}' if s.method == 'euler_a' else '')
+    method += f'_churn{s.s_churn}_tmin{s.s_tmin}_tmax{s.s_tmax}_noise{s.s_noise}' if s.s_churn else ''
+    method += f'_{s.sigma_schedule}_rho{s.rho}'
   else:
     method = f'{s.method}_{s.num_steps}_{s.spacing}'
   if config.model.num_classes:
@@ -73,7 +78,7 @@ def sample_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   rng = jax.random.key(s.seed)
   first_batch = chain = None
   if s.chain_images:  # The first batch records its chain; its last frame is that batch of the samples.
-    num_steps = len(exp.sampler.timesteps(config.diffusion.num_timesteps)[0])
+    num_steps = exp.sampler.steps(config.diffusion.num_timesteps)
     chain_fn = exp.sample_fn(record_every=max(1, num_steps // s.chain_frames))
     frames = images.to_uint8(multihost_utils.process_allgather(chain_fn(params, jax.random.fold_in(rng, 0), 0),
                                                                tiled=True))
@@ -99,8 +104,11 @@ def sample_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return out_dir
 
 
+COMPARE_NAMES = {'ddpm': 'DDPM', 'ddim': 'DDIM', 'heun': 'Heun', 'euler_a': 'Euler-a'}
+
+
 def compare_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes the DDPM vs DDIM vs EMA comparison picture (see the module docstring); returns its path."""
+  """Writes the DDPM vs DDIM vs Heun vs Euler-a, EMA vs raw comparison picture (module docstring); returns its path."""
   s = config.sampling
   exp, ema_params, step = restore(config, workdir, use_ema=True)
   raw_params, _ = checkpoints.restore_params(checkpoints.manager(workdir, read_only=True), exp.abstract_params,
@@ -112,8 +120,10 @@ def compare_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str
   T = config.diffusion.num_timesteps
   parameterization = config.diffusion.parameterization
   samplers = [sampling.Sampler('ddpm', T, variance=s.variance, parameterization=parameterization)]
-  samplers += [sampling.Sampler('ddim', k, eta=0.0, spacing=s.spacing, parameterization=parameterization)
-               for k in s.compare_steps]
+  for k in s.compare_steps:  # Each at k model calls (Heun at 2 n - 1 <= k, n >= 1 noise levels).
+    samplers += [sampling.Sampler('ddim', k, eta=0.0, spacing=s.spacing, parameterization=parameterization),
+                 sampling.Sampler('heun', max(1, (k + 1) // 2), rho=s.rho, parameterization=parameterization),
+                 sampling.Sampler('euler_a', k, eta=1.0, rho=s.rho, parameterization=parameterization)]
   rows, labels = [], []
   for use_ema, params in ((True, ema_params), (False, raw_params)):
     for sampler in samplers:
@@ -122,7 +132,8 @@ def compare_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str
       start = time.perf_counter()
       row = generation.generate(sample_fn, params, jax.random.key(s.seed), n, n)
       seconds = time.perf_counter() - start
-      name = f'DDPM-{T}' if sampler.method == 'ddpm' else f'DDIM-{sampler.num_steps}'
+      calls = sampler.model_calls(T)
+      name = f'{COMPARE_NAMES[sampler.method]}-{sampler.steps(T)} ({calls} call{"s" * (calls != 1)})'
       labels.append(f'{name} {"EMA" if use_ema else "raw"}  {seconds:.1f} s')
       rows.append(images.make_grid(row, n))
       logging.info('%s (%d images).', labels[-1], n)

@@ -1,4 +1,4 @@
-"""DDPM, DDIM and DPM-Solver++(2M) samplers, DDIM inversion, noise slerp and classifier-free guidance.
+"""DDPM, DDIM, DPM-Solver++(2M) and Karras samplers, DDIM inversion, noise slerp and classifier-free guidance.
 
 model_fn(x_t, t) maps images (B, H, W, C) and int32 timesteps (B,) to an output of
 x_t's shape in the sampler's parameterization. The loop runs inside `lax.scan`, so a
@@ -7,6 +7,7 @@ jitted call to `sample` is one dispatch for the whole chain.
 The fast sampler is DPM-Solver++(2M) (Lu et al. 2022): a deterministic second-order multistep solver of the
 probability-flow ODE in data (x_0) prediction, which needs one model call per step, like DDIM, but reaches
 DDIM's quality in far fewer steps (~20), and whose x_0 form keeps clipping and guidance well-behaved.
+Karras et al.'s (2022) Euler, Heun and Euler-ancestral samplers over the rho noise levels are in karras.py.
 """
 import dataclasses
 from typing import Callable, Optional
@@ -15,18 +16,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import karras
 from diffusion_jax.checks import ConfigError, check_choice, check_concrete_range
 from diffusion_jax.diffusion import PARAMETERIZATIONS, eps_from_x0, expand_to, gather, q_posterior, x0_eps_from_output
 from diffusion_jax.schedules import Schedule
 
-METHODS = ('ddpm', 'ddim', 'dpm++2m')
+METHODS = ('ddpm', 'ddim', 'dpm++2m') + karras.METHODS
 SPACINGS = ('uniform', 'quadratic', 'trailing')
 VARIANCES = ('fixedlarge', 'fixedsmall')
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-  """How to sample. num_steps and spacing are used by DDIM and DPM-Solver++, eta by DDIM; DDPM runs all T steps."""
+  """How to sample. num_steps and spacing are used by DDIM and DPM-Solver++, eta by DDIM; DDPM runs all T steps.
+
+  The Karras samplers (karras.METHODS) visit num_steps noise levels of `sigma_schedule` before the final 0; eta is
+  euler_a's, the s_* settings are EDM's churn of euler and heun (k-diffusion's sample_euler and sample_heun).
+  """
   method: str = 'ddim'
   num_steps: int = 50
   eta: float = 0.0
@@ -34,6 +40,12 @@ class Sampler:
   variance: str = 'fixedlarge'  # DDPM only: beta_t ('fixedlarge') or the posterior variance.
   clip_x0: bool = True
   parameterization: str = 'eps'
+  sigma_schedule: str = 'karras'
+  rho: float = 7.0
+  s_churn: float = 0.0
+  s_tmin: float = 0.0
+  s_tmax: float = float('inf')
+  s_noise: float = 1.0
 
   def check(self, num_timesteps: int) -> None:
     """Raises a ValueError naming the first setting that is invalid for T = num_timesteps."""
@@ -52,16 +64,46 @@ class Sampler:
     if self.method == 'dpm++2m' and self.eta != 0:
       raise ConfigError(f'The dpm++2m sampler is deterministic but sampling.eta={self.eta!r}: set sampling.eta=0, '
                         'or use sampling.method=ddim for eta > 0.')
+    self.check_karras()
+
+  def check_karras(self) -> None:
+    """Raises a ConfigError naming the first invalid setting of the Karras samplers."""
+    check_choice('sigma schedule', self.sigma_schedule, karras.SIGMA_SCHEDULES)
+    if not self.rho > 0:
+      raise ConfigError(f'sampling.rho must be > 0 (Karras et al. use 7), got {self.rho!r}.')
+    for name in ('s_churn', 's_tmin', 's_noise'):
+      if not getattr(self, name) >= 0:
+        raise ConfigError(f'sampling.{name} must be >= 0, got {getattr(self, name)!r}.')
+    if not self.s_tmax >= self.s_tmin:
+      raise ConfigError(f'sampling.s_tmax={self.s_tmax!r} is below sampling.s_tmin={self.s_tmin!r}: churn would '
+                        'never apply; set s_tmax >= s_tmin (default inf).')
+    if self.s_churn and self.method not in ('euler', 'heun'):
+      raise ConfigError(f'sampling.s_churn={self.s_churn!r} is EDM churn of the euler and heun samplers, not of '
+                        f'{self.method}: set sampling.s_churn=0, or sampling.method=euler or heun.')
+    if self.method in ('euler', 'heun') and self.eta != 0:
+      raise ConfigError(f'The {self.method} sampler takes no eta but sampling.eta={self.eta!r}: set sampling.eta=0 '
+                        '(its noise is EDM churn, sampling.s_churn), or use sampling.method=euler_a for eta > 0.')
+
+  def steps(self, num_timesteps: int) -> int:
+    """The number of steps (of the scan): num_steps noise levels for the Karras samplers, else the timesteps."""
+    return self.num_steps if self.method in karras.METHODS else len(self.timesteps(num_timesteps)[0])
+
+  def model_calls(self, num_timesteps: int) -> int:
+    """Model calls per sample: one a step, except Heun's two a step but one on the last (2 num_steps - 1)."""
+    return 2 * self.num_steps - 1 if self.method == 'heun' else self.steps(num_timesteps)
 
   def timesteps(self, num_timesteps: int) -> tuple[np.ndarray, np.ndarray]:
     """The timesteps visited, in sampling order, and each one's successor (-1 after the last).
 
-    DDPM visits T-1, ..., 0. DDIM and DPM-Solver++ visit S = num_steps timesteps:
+    DDPM visits T-1, ..., 0. DDIM and DPM-Solver++ visit S = num_steps timesteps (the Karras samplers have noise
+    levels instead: karras.schedule_sigmas):
       uniform:   range(0, T, T // S)[:S] (the DDIM code's, exactly S even when S does not divide T);
       quadratic: int(linspace(0, sqrt(0.8 T), S)^2), as the DDIM code (used there for CIFAR-10);
       trailing:  round(arange(T, 0, -T/S)) - 1, which starts at T-1.
     """
     self.check(num_timesteps)
+    if self.method in karras.METHODS:
+      raise ConfigError(f'The {self.method} sampler steps over noise levels (karras.schedule_sigmas), not timesteps.')
     steps = self.num_steps
     if self.method == 'ddpm':
       ascending = np.arange(num_timesteps)
@@ -165,15 +207,15 @@ def sample(model_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: Sche
   Given x_T (e.g. from `ddim_invert` or `slerp`), deterministic samplers reconstruct from it; rng still
   draws the noise of stochastic steps. Returns the chain (F, B, H, W, C): x_T, then x after every
   `record_every`-th step, and always the final sample last (chain[-1]); record_every=None keeps only
-  x_T and the sample.
+  x_T and the sample. The Karras samplers start from x = sigma_max x_T (k-diffusion's scaling) and record
+  x_t = x / sqrt(1 + sigma^2), the variance-preserving image the other samplers record.
   """
-  timesteps, prev_timesteps = sampler.timesteps(schedule.num_timesteps)
-  num_steps = len(timesteps)
+  sampler.check(schedule.num_timesteps)
+  num_steps = sampler.steps(schedule.num_timesteps)
   record_every = record_every or num_steps
   recorded = [i for i in range(num_steps) if (i + 1) % record_every == 0 or i == num_steps - 1]
   frame_of_step = np.full(num_steps, len(recorded) + 1, np.int32)  # Out of range: not recorded.
   frame_of_step[recorded] = np.arange(1, len(recorded) + 1)
-  last_timesteps = np.concatenate([[-1], timesteps[:-1]]).astype(np.int32)  # -1: no step before.
 
   init_key, loop_key = jax.random.split(rng)
   if x_T is None:
@@ -183,8 +225,14 @@ def sample(model_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: Sche
   else:
     x_T = jnp.asarray(x_T, jnp.float32)
   chain = jnp.zeros((len(recorded) + 1,) + tuple(shape), jnp.float32).at[0].set(x_T)
-  batch = shape[0]
+  noise = lambda i: jax.random.normal(jax.random.fold_in(loop_key, i), shape, jnp.float32)
   kwargs = dict(clip_x0=sampler.clip_x0, parameterization=sampler.parameterization)
+  if sampler.method in karras.METHODS:
+    return _sample_karras(model_fn, schedule, sampler, x_T, chain, frame_of_step, noise, kwargs)
+
+  timesteps, prev_timesteps = sampler.timesteps(schedule.num_timesteps)
+  last_timesteps = np.concatenate([[-1], timesteps[:-1]]).astype(np.int32)  # -1: no step before.
+  batch = shape[0]
 
   def body(carry, step_inputs):
     x, x0_last, chain = carry
@@ -193,16 +241,33 @@ def sample(model_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: Sche
     output = model_fn(x, t)
     if sampler.method == 'dpm++2m':
       x, x0 = dpm_solver_2m_step(schedule, x, t, t_prev, t_last, output, x0_last, **kwargs)
+    elif sampler.method == 'ddpm':
+      x, x0 = ddpm_step(schedule, x, t, output, noise(i), variance=sampler.variance, **kwargs)
     else:
-      noise = jax.random.normal(jax.random.fold_in(loop_key, i), shape, jnp.float32)
-      if sampler.method == 'ddpm':
-        x, x0 = ddpm_step(schedule, x, t, output, noise, variance=sampler.variance, **kwargs)
-      else:
-        x, x0 = ddim_step(schedule, x, t, t_prev, output, noise, eta=sampler.eta, **kwargs)
+      x, x0 = ddim_step(schedule, x, t, t_prev, output, noise(i), eta=sampler.eta, **kwargs)
     return (x, x0, chain.at[frame].set(x, mode='drop')), None
 
   step_inputs = (np.arange(num_steps), frame_of_step, timesteps, prev_timesteps, last_timesteps)
   (_, _, chain), _ = jax.lax.scan(body, (x_T, jnp.zeros_like(x_T), chain), tuple(map(jnp.asarray, step_inputs)))
+  return chain
+
+
+def _sample_karras(model_fn, schedule: Schedule, sampler: Sampler, x_T: jax.Array, chain: jax.Array,
+                   frame_of_step: np.ndarray, noise: Callable[[jax.Array], jax.Array], kwargs: dict) -> jax.Array:
+  """`sample`'s scan for the Karras samplers: karras.step over karras.schedule_sigmas, from x = sigma_max x_T."""
+  sigmas = karras.schedule_sigmas(schedule, sampler.num_steps, sampler.rho)
+  gammas = karras.churn_gammas(sigmas, sampler.s_churn, sampler.s_tmin, sampler.s_tmax)
+  denoiser = lambda x, sigma: karras.denoise(model_fn, schedule, x, sigma, **kwargs)
+
+  def body(carry, step_inputs):
+    x, chain = carry
+    i, frame, sigma, sigma_next, gamma = step_inputs
+    x, _ = karras.step(sampler.method, denoiser, x, sigma, sigma_next, gamma, noise(i), eta=sampler.eta,
+                       s_noise=sampler.s_noise)
+    return (x, chain.at[frame].set(x * jax.lax.rsqrt(1.0 + sigma_next**2), mode='drop')), None
+
+  step_inputs = (jnp.arange(sampler.num_steps), jnp.asarray(frame_of_step), sigmas[:-1], sigmas[1:], gammas)
+  (_, chain), _ = jax.lax.scan(body, (sigmas[0] * x_T, chain), step_inputs)
   return chain
 
 
@@ -295,4 +360,6 @@ def sampler_from_config(config) -> Sampler:
   """The Sampler described by config.sampling and config.diffusion.parameterization."""
   s = config.sampling
   return Sampler(method=s.method, num_steps=s.num_steps, eta=s.eta, spacing=s.spacing, variance=s.variance,
-                 clip_x0=s.clip_x0, parameterization=config.diffusion.parameterization)
+                 clip_x0=s.clip_x0, parameterization=config.diffusion.parameterization,
+                 sigma_schedule=s.sigma_schedule, rho=s.rho, s_churn=s.s_churn, s_tmin=s.s_tmin, s_tmax=s.s_tmax,
+                 s_noise=s.s_noise)

@@ -94,7 +94,8 @@ def make_train_step(exp: experiment.Experiment) -> TrainStep:
       model_fn = lambda x_t, t: model.apply({'params': params}, x_t, t, labels, train=True,
                                             rngs={'dropout': dropout_rng})
       losses = diffusion.diffusion_loss(schedule, model_fn, x0, t, noise, config.diffusion.parameterization,
-                                        config.diffusion.loss)
+                                        config.diffusion.loss, config.diffusion.loss_weighting,
+                                        config.diffusion.snr_gamma)
       return losses.mean()
 
     # Differentiate with respect to per-device (varying) params: an invariant params' gradient would already be

@@ -90,3 +90,51 @@ def test_bad_choices():
     diffusion.training_target(SCHEDULE, t, x, x, 'score')
   with pytest.raises(ValueError, match=r"Unknown loss type 'l3'.*'huber'"):
     diffusion.diffusion_loss(SCHEDULE, lambda x, t: x, x, t, x, 'eps', 'l3')
+
+
+SNR_TIMESTEPS = jnp.array([0, 50, 120, 140, 300, 999])  # SNR from ~1e4 through gamma = 5 (near t = 130) to ~4e-5.
+
+
+def closed_form_snr(timesteps):
+  """SNR_t = ab_t / (1 - ab_t) of the linear schedule, from its betas in float64."""
+  ab = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))[np.asarray(timesteps)]
+  return ab / (1 - ab)
+
+
+@pytest.mark.parametrize('parameterization, weight', [
+    ('eps', lambda snr, gamma: np.minimum(snr, gamma) / snr),
+    ('x0', lambda snr, gamma: np.minimum(snr, gamma)),
+    ('v', lambda snr, gamma: np.minimum(snr, gamma) / (snr + 1)),
+])
+@pytest.mark.parametrize('gamma', [5.0, 1.0])
+def test_min_snr_weights_the_per_example_loss(parameterization, weight, gamma):
+  """min-SNR-gamma (Hang et al. 2023) against its closed form, alone and as the ratio of weighted to plain losses."""
+  snr = closed_form_snr(SNR_TIMESTEPS)
+  assert snr.min() < gamma < snr.max()
+  expected = weight(snr, gamma)
+  np.testing.assert_allclose(diffusion.loss_weight(SCHEDULE, SNR_TIMESTEPS, parameterization, 'min_snr', gamma),
+                             expected, rtol=1e-5)
+  noise = jax.random.normal(jax.random.key(1), (6, 4, 4, 2))
+  x0 = jax.random.uniform(jax.random.key(2), noise.shape, minval=-1, maxval=1)
+  model_fn = lambda x, t: 0.5 * x
+  loss = lambda weighting: diffusion.diffusion_loss(SCHEDULE, model_fn, x0, SNR_TIMESTEPS, noise, parameterization,
+                                                    'mse', weighting, gamma)
+  np.testing.assert_allclose(loss('min_snr') / loss('none'), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize('parameterization', diffusion.PARAMETERIZATIONS)
+@pytest.mark.parametrize('loss_type', diffusion.LOSS_TYPES)
+def test_no_weighting_is_the_unweighted_loss_exactly(parameterization, loss_type):
+  noise = jax.random.normal(jax.random.key(1), (6, 4, 4, 2))
+  x0 = jax.random.uniform(jax.random.key(2), noise.shape, minval=-1, maxval=1)
+  model_fn = lambda x, t: 0.5 * x
+  x_t = diffusion.q_sample(SCHEDULE, x0, SNR_TIMESTEPS, noise)
+  target = diffusion.training_target(SCHEDULE, SNR_TIMESTEPS, x0, noise, parameterization)
+  plain = diffusion.elementwise_loss(model_fn(x_t, SNR_TIMESTEPS), target, loss_type).reshape(6, -1).mean(axis=1)
+  np.testing.assert_array_equal(diffusion.diffusion_loss(SCHEDULE, model_fn, x0, SNR_TIMESTEPS, noise,
+                                                         parameterization, loss_type, 'none'), plain)
+
+
+def test_bad_loss_weighting():
+  with pytest.raises(ValueError, match=r"Unknown loss weighting 'p2'; choose one of \['min_snr', 'none'\]"):
+    diffusion.loss_weight(SCHEDULE, SNR_TIMESTEPS, 'eps', 'p2')

@@ -6,13 +6,14 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import REPO
 from configs.tiny import get_config as tiny_config
-from diffusion_jax import checkpoints, sample, train
+from diffusion_jax import checkpoints, diffusion, experiment, sample, train
 
 
 @pytest.fixture(scope='module')
@@ -106,8 +107,24 @@ def test_compare_mode_writes_one_labelled_row_per_sampler_and_weights(trained):
   path = sample.compare_from_workdir(config, workdir)
   assert path == os.path.join(workdir, 'samples', 'compare_seed1_step3.png')
   picture = np.asarray(Image.open(path))
-  # Rows: (DDPM-20, DDIM-2, DDIM-5) x (EMA, raw), each a 4-image row of 8px + 2px borders, upscaled x2.
-  assert picture.shape[0] == 6 * 2 * (8 + 2 * 2) and picture.shape[2] == 3
+  # Rows: (DDPM-20, then DDIM, Heun and Euler-a at 2 and at 5 model calls) x (EMA, raw), each a 4-image row of
+  # 8px + 2px borders, upscaled x2.
+  assert picture.shape[0] == 14 * 2 * (8 + 2 * 2) and picture.shape[2] == 3
+
+
+@pytest.mark.slow
+def test_sample_mode_with_heun(trained):
+  """--mode=sample with a Karras sampler: its run name, the samples, and a chain of x_T and 2 recorded states."""
+  workdir, _ = trained
+  config = tiny_config()
+  config.sampling.method, config.sampling.eta, config.sampling.chain_frames = 'heun', 0.0, 2
+  out_dir = sample.sample_from_workdir(config, workdir)
+  assert out_dir == os.path.join(workdir, 'samples', 'heun4_karras_rho7.0_ema_seed1_step3')
+  saved = np.load(os.path.join(out_dir, 'samples.npz'))['images']
+  assert saved.shape == (6, 8, 8, 1) and len(np.unique(saved)) > 2
+  assert Image.open(os.path.join(out_dir, 'chain.gif')).n_frames == 3
+  config.sampling.method, config.sampling.s_churn = 'euler', 1.0
+  assert sample.run_name(config) == 'euler4_churn1.0_tmin0.0_tmaxinf_noise1.0_karras_rho7.0_ema_seed1'
 
 
 @pytest.mark.slow
@@ -148,7 +165,11 @@ def test_workdir_of_another_architecture_is_refused(trained):
 
 @pytest.mark.parametrize('section, key, value, message', [
     ('data', 'dataset', 'imagenet', r"Unknown dataset 'imagenet'; choose one of .*'digits'"),
-    ('sampling', 'method', 'euler', r"Unknown sampler 'euler'; choose one of \['ddim', 'ddpm', 'dpm\+\+2m'\]"),
+    ('sampling', 'method', 'pndm',
+     r"Unknown sampler 'pndm'; choose one of \['ddim', 'ddpm', 'dpm\+\+2m', 'euler', 'euler_a', 'heun'\]"),
+    ('sampling', 'rho', 0.0, r'sampling.rho must be > 0 \(Karras et al. use 7\), got 0.0'),
+    ('diffusion', 'loss_weighting', 'p2', r"Unknown loss weighting 'p2'; choose one of \['min_snr', 'none'\]"),
+    ('diffusion', 'snr_gamma', 0.0, r'diffusion.snr_gamma must be > 0 .*got 0.0'),
     ('diffusion', 'schedule', 'cubic', r"Unknown noise schedule 'cubic'"),
     ('training', 'batch_size', 0, r'training.batch_size=0 must be a positive multiple'),
     ('model', 'attn_resolutions', (3,), r'attention resolution\(s\) \[3\] never occur'),
@@ -279,3 +300,27 @@ def test_heavy_module_is_imported_only_where_used(module, first_use):
           f'print({module!r} in sys.modules); {first_use}; print({module!r} in sys.modules)')
   result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.stdout.split() == ['False', 'True'], result.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('parameterization', ['eps', 'v'])
+def test_train_step_loss_has_the_min_snr_weights(parameterization):
+  """The step's loss is the mean over examples of min-SNR weight x per-example MSE, recomputed by hand from the
+  step's draws, the weights from the betas in float64 (eps: min(SNR, 5) / SNR; v: min(SNR, 5) / (SNR + 1))."""
+  config = tiny_config()
+  config.diffusion.parameterization, config.diffusion.loss_weighting = parameterization, 'min_snr'
+  exp = experiment.build(config)
+  state = exp.init_state(jax.random.key(0))
+  images = np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32)
+  step_rng = jax.random.key(7)
+  t, noise, _ = train.example_randomness(jax.random.split(jax.random.fold_in(step_rng, 0))[0], jnp.arange(8),
+                                         config.diffusion.num_timesteps, (8, 8, 1), 0.0)
+  x_t = diffusion.q_sample(exp.schedule, jnp.asarray(images), t, noise)
+  target = diffusion.training_target(exp.schedule, t, jnp.asarray(images), noise, parameterization)
+  mse = np.asarray(jnp.mean((exp.model.apply({'params': state.params}, x_t, t, None) - target) ** 2, axis=(1, 2, 3)))
+  ab = np.cumprod(1 - np.linspace(1e-4, 0.02, config.diffusion.num_timesteps))[np.asarray(t)]
+  snr = ab / (1 - ab)
+  weights = np.minimum(snr, 5.0) / (snr if parameterization == 'eps' else snr + 1)
+  assert np.ptp(weights) > 0.1  # The draws span weights that matter.
+  _, metrics = train.make_train_step(exp)(state, train.shard_batch({'image': images}, exp.mesh), step_rng)
+  np.testing.assert_allclose(float(metrics['loss']), np.mean(weights * mse), rtol=1e-5)
