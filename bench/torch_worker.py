@@ -10,9 +10,10 @@ answers every request {"op": ...} with {"ok": true, ...} or {"ok": false, "error
 
   build    {"op": "build", "unet": UNet2DModel kwargs, "op_name": "train"|"forward"|"ddim"|"ddpm",
             "batch", "image_size", "channels", "padded_size", "alphas_cumprod", "betas", "timesteps",
-            "prev_timesteps", "eta", "clip_x0", "optim": {...}, "ema_decay", "threads", "device", "dtype", "seed"}
+            "prev_timesteps", "eta", "clip_x0", "optim": {...}, "ema_decay", "threads", "device", "dtype", "seed",
+            "channels_last"?, "compile"? (torch.compile of the model, done by the first calls)}
            -> {"params": count}
-  run      {"op": "run"} -> {"seconds": s}: one call of the built operation, timed in the worker.
+  run      {"op": "run", "calls"?: n} -> {"seconds": s}: n calls in a row (default 1), timed in the worker.
   reset_peak / memory / quit.
 
 The operations do the same work as the JAX side: a train step is the DDPM eps loss (uniform t, N(0, I)
@@ -102,6 +103,18 @@ def serve(handlers: dict, hello: dict) -> None:
       reply({'ok': False, 'error': traceback.format_exc()})
 
 
+def timed_run(fn, request: dict, wait) -> dict:
+  """The answer to a run request: {'seconds': s} of request.get('calls', 1) calls of fn in a row, then wait(the
+  last result) (the device's work done)."""
+  if fn is None:
+    raise ValueError('Nothing built: send {"op": "build", ...} first.')
+  start = time.perf_counter()
+  for _ in range(request.get('calls', 1)):
+    out = fn()
+  wait(out)
+  return {'seconds': time.perf_counter() - start}
+
+
 def sampler_step(op: str, x, eps, t: int, t_prev: int, ac: list[float], betas: list[float], eta: float,
                  clip_x0: bool, noise):
   """x_t -> x_{t_prev} for tensors x, eps (the model's output) as diffusion_jax.sampling's ddim_step / ddpm_step.
@@ -145,6 +158,9 @@ class TorchBench:
     self.device = torch.device(device)
     model = UNet2DModel(**r['unet']).to(self.device)
     params = sum(p.numel() for p in model.parameters())
+    memory_format = torch.channels_last if r.get('channels_last') else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    net = torch.compile(model) if r.get('compile') else model  # Compiled by the first calls (the warm-up).
     batch, channels, size, padded = r['batch'], r['channels'], r['image_size'], r['padded_size']
     alphas_cumprod = torch.tensor(r['alphas_cumprod'], dtype=torch.float64)
     betas = torch.tensor(r['betas'], dtype=torch.float64)
@@ -156,7 +172,7 @@ class TorchBench:
       if pad:
         x = torch.nn.functional.pad(x, (0, pad, 0, pad))
       with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        out = model(x, t).sample
+        out = net(x.contiguous(memory_format=memory_format), t).sample
       return out[:, :, :size, :size].float()
 
     gen = torch.Generator().manual_seed(r['seed'] + 1)
@@ -223,15 +239,11 @@ class TorchBench:
     return run
 
   def run(self, r: dict) -> dict:
-    del r
-    if self.fn is None:
-      raise ValueError('Nothing built: send {"op": "build", ...} first.')
-    start = time.perf_counter()
-    out = self.fn()
-    if self.device.type == 'cuda':
-      self.torch.cuda.synchronize()
-    float(out.sum() if out.dim() else out)  # Forces the result, as block_until_ready on the JAX side.
-    return {'seconds': time.perf_counter() - start}
+    def wait(out):
+      if self.device.type == 'cuda':
+        self.torch.cuda.synchronize()
+      float(out.sum() if out.dim() else out)  # Forces the result, as block_until_ready on the JAX side.
+    return timed_run(self.fn, r, wait)
 
   def reset_peak(self, r: dict) -> dict:
     del r

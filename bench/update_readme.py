@@ -20,7 +20,8 @@ GIB = 2.0**30
 OTHER_ROWS = (
     '| demo (2,500 steps): classifier FID / confident share, DDIM-100 eta 1, 1,000 samples | 26.1 / 0.61 | CPU '
     '(AVX2), 2026-11-23, `bench/digits_report.sh` |',
-    '| GPU / TPU | not measured yet (no accelerator was lent) | `python bench/vs_pytorch.py` runs there as is |',
+    '| GPU / TPU speed card (CIFAR-10, batch 128, float32 and bfloat16, vs PyTorch) | not measured yet: no session '
+    'has been lent an accelerator | `python bench/speed_card.py` ([bench/README.md](bench/README.md#speed-card-on-a-gpu-or-tpu)) |',
 )
 
 

@@ -8,8 +8,8 @@ The PyTorch side needs a side environment (never the project's venv), by default
 
   python3 -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch==2.13.0 diffusers
 
-For every (model, op, batch) the script starts two fresh worker processes, a JAX one (this file with
---worker=jax, in this venv) and a PyTorch one (bench/torch_worker.py under --torch_python), builds the same
+For every (model, op, batch) the script starts two fresh worker processes, a JAX one (bench/jax_worker.py,
+in this venv) and a PyTorch one (bench/torch_worker.py under --torch_python), builds the same
 network in both (parameter counts are asserted equal), compiles / warms up, and then alternates timed calls:
 one JAX call, one PyTorch call, --repeats times, so that machine noise hits both sides alike. Each call is
 timed inside its worker (no IPC in the figure). It prints per-configuration medians, the ratio, peak
@@ -19,15 +19,10 @@ Ops: train (the full train step: DDPM eps loss, backward, grad clipping, Adam, E
 sample (DDIM with --sample_steps model calls) and ddpm (ancestral sampling, all T model calls).
 Models: any configs/<name>.py (cifar10, mnist, default, ...), unconditional, eps / MSE.
 """
-import ctypes
 import datetime
-import json
 import os
-import platform
 import shlex
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,9 +30,11 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # pylint: disable=g-import-not-at-top,wrong-import-position  # bench/harness.py.
+from harness import GIB, KNOWN_PARAMS, REPO, TORCHENV_HINT, Worker, WorkerError, progress  # pylint: disable=g-import-not-at-top,wrong-import-position
 import results as results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position  # bench/results.py.
-import torch_worker  # pylint: disable=g-import-not-at-top,wrong-import-position  # bench/torch_worker.py: the protocol.
-from diffusion_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
+sys.path.insert(0, REPO)
+from diffusion_jax import perf, xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['cifar10', 'mnist'], 'Config names under configs/ (e.g. cifar10, mnist, default).')
@@ -59,291 +56,20 @@ flags.DEFINE_integer('grad_accum_steps', 0, 'training.grad_accum_steps of the JA
                      'side always does one whole-batch step.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype: model.dtype on the JAX side, '
                   'torch.autocast on the PyTorch side; parameters stay float32 on both.')
-flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s for MFU (default: from the table PEAK_TFLOPS by device kind).')
+flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of one device for MFU (0: diffusion_jax/perf.py\'s table by device kind).')
 flags.DEFINE_integer('seed', 0, 'Seed of parameters and inputs.')
 flags.DEFINE_string('out_dir', results_lib.DEFAULT_DIR, 'Folder for the table (vs_pytorch.md) and the figures '
                     '(vs_pytorch.json) of the run; \'\' for none.')
-flags.DEFINE_enum('worker', None, ['jax'], 'Internal: run as the JAX worker process, serving stdin requests.')
 
-KNOWN_PARAMS = {'cifar10': 35_746_307}  # Ho et al.'s CIFAR-10 model; google/ddpm-cifar10-32.
-# Dense peak TFLOP/s by (device kind substring, dtype), first match wins. Sources: NVIDIA H100 / H200 / A100
-# datasheets (SXM; without sparsity; float32 is the non-tensor-core figure, TF32 tensor cores: 494 on H100),
-# Google Cloud TPU pages (bfloat16; XLA runs float32 matmuls in bfloat16 passes by default).
-PEAK_TFLOPS = (('H100 PCIe', {'bfloat16': 756.0, 'float32': 51.0}),
-               ('H100', {'bfloat16': 989.0, 'float32': 67.0}),
-               ('H200', {'bfloat16': 989.0, 'float32': 67.0}),
-               ('A100', {'bfloat16': 312.0, 'float32': 19.5}),
-               ('TPU v4', {'bfloat16': 275.0, 'float32': 275.0}),
-               ('TPU v5 lite', {'bfloat16': 197.0, 'float32': 197.0}),
-               ('TPU v5', {'bfloat16': 459.0, 'float32': 459.0}),
-               ('TPU v6 lite', {'bfloat16': 918.0, 'float32': 918.0}))
 OP_NAMES = {'train': 'train', 'forward': 'forward', 'sample': 'ddim', 'ddpm': 'ddpm'}
-TORCHENV_HINT = ('create it with: python3 -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch==2.13.0 '
-                 'diffusers (or point --torch_python at a Python that has torch and diffusers)')
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GIB = 2.0**30
-
-
-def load_config(name: str):
-  """configs/<name>.py's config (imported from the repository root)."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-  try:
-    module = importlib.import_module(f'configs.{name}')
-  except ModuleNotFoundError as e:
-    available = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, 'configs')) if f.endswith('.py') and f[0] != '_')
-    raise app.UsageError(f'Unknown model {name!r} (no configs/{name}.py); choose from {available}.') from e
-  return module.get_config()
-
-
-def padded_size(image_size: int, num_levels: int) -> int:
-  """The feature-map size of level 0: the image zero-padded to a multiple of 2^(levels-1) (as our UNet does)."""
-  factor = 2 ** (num_levels - 1)
-  return -(-image_size // factor) * factor
-
-
-def diffusers_unet_kwargs(config) -> dict:
-  """UNet2DModel arguments of the network equal to config.model (as tests/fixtures/make_diffusers_fixtures.py)."""
-  m, d = config.model, config.data
-  problems = []
-  if m.get('num_classes', 0):
-    problems.append(f'model.num_classes={m.num_classes} (only unconditional models)')
-  if not m.resamp_with_conv:
-    problems.append('model.resamp_with_conv=False (diffusers resamples with convolutions)')
-  if config.diffusion.parameterization != 'eps' or config.diffusion.loss != 'mse':
-    problems.append(f'diffusion.parameterization={config.diffusion.parameterization!r}, diffusion.loss='
-                    f'{config.diffusion.loss!r} (the PyTorch side trains eps with MSE)')
-  if problems:
-    raise app.UsageError('Cannot compare this config with the PyTorch peer: ' + '; '.join(problems) + '.')
-  size = padded_size(d.image_size, len(m.ch_mult))
-  attn = [size // 2**level in m.attn_resolutions for level in range(len(m.ch_mult))]
-  return dict(
-      sample_size=size, in_channels=d.channels, out_channels=d.channels, layers_per_block=m.num_res_blocks,
-      block_out_channels=[m.ch * mult for mult in m.ch_mult],
-      down_block_types=['AttnDownBlock2D' if a else 'DownBlock2D' for a in attn],
-      up_block_types=['AttnUpBlock2D' if a else 'UpBlock2D' for a in reversed(attn)],
-      norm_num_groups=m.num_groups, norm_eps=1e-6, act_fn='silu', flip_sin_to_cos=False, freq_shift=1,
-      downsample_padding=0, downsample_type='conv', upsample_type='conv', time_embedding_type='positional',
-      attention_head_dim=None, dropout=m.dropout, center_input_sample=False, resnet_time_scale_shift='default',
-      add_attention=True, mid_block_type='UNetMidBlock2D', mid_block_scale_factor=1, attn_norm_num_groups=None,
-      class_embed_type=None, num_class_embeds=None)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The JAX worker (this file with --worker=jax): a fresh process per configuration.
-# ------------------------------------------------------------------------------------------------------------
-class JaxBench:
-  """One built operation of our U-Net (train step, jitted forward or sampler), timed call by call."""
-
-  def __init__(self):
-    self.fn = None
-    self.jax = None
-
-  def build(self, r: dict) -> dict:
-    config = load_config(r['model'])
-    batch = r['batch']
-    config.training.batch_size = config.sampling.batch_size = batch
-    config.training.grad_accum_steps = r['grad_accum_steps']
-    config.model.dtype = r['dtype']
-    if r['num_cpu_devices'] is not None:
-      config.num_cpu_devices = r['num_cpu_devices']
-    if r['cpu_scheduler'] is not None:
-      config.cpu_scheduler = r['cpu_scheduler']
-    xla_cpu.set_flags(config)
-    import jax  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-    from diffusion_jax import experiment, runtime, sampling, train  # pylint: disable=g-import-not-at-top
-    xla_cpu.tune(config)
-    self.jax = jax
-
-    exp = experiment.build(config)
-    mesh, model, schedule = exp.mesh, exp.model, exp.schedule
-    op = r['op_name']
-    if op == 'train':
-      state = exp.init_state(jax.random.key(r['seed']))
-      model_params = state.params
-    else:  # The forward and the samplers hold only the params, as the PyTorch side then holds only the model.
-      model_params = exp.init_params(jax.random.key(r['seed']))
-    params = sum(x.size for x in jax.tree.leaves(model_params))
-    size, channels = config.data.image_size, config.data.channels
-    rng = np.random.default_rng(r['seed'] + 1)
-    images = rng.uniform(-1, 1, (batch, size, size, channels)).astype(np.float32)
-    batch_sharding = NamedSharding(mesh, P('batch'))
-    forward = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t, train=False),
-                      compiler_options=runtime.inference_compiler_options())  # As the samplers.
-    reply = {}
-    start = time.perf_counter()
-    if op == 'train':
-      host_batch = {'image': images, 'label': np.zeros((batch,), np.int32)}
-      accum_steps = exp.grad_accum_steps
-      data = train.shard_batch(host_batch, mesh, accum_steps)
-      train_step = train.make_train_step(exp)
-      if accum_steps == 1:  # Per-device cost of the shard_map'ed step, times the devices (as bench/throughput.py).
-        train_step = train_step.whole.lower(state, data, jax.random.key(1)).compile()
-        flops = train_step.cost_analysis().get('flops', 0.0) * mesh.size
-      else:  # The same update from micro-batches, compiled by a first call; the FLOPs of the whole batch's step.
-        whole_batch = config.copy_and_resolve_references()
-        whole_batch.training.grad_accum_steps = 1
-        flops = train.make_train_step(experiment.build(whole_batch, mesh)).whole.lower(
-            state, train.shard_batch(host_batch, mesh), jax.random.key(1)).cost_analysis().get('flops', 0.0) * mesh.size
-        state, _ = jax.block_until_ready(train_step(state, data, jax.random.key(1)))
-      reply['grad_accum_steps'] = accum_steps
-      holder = [state]
-
-      def step():
-        holder[0], metrics = train_step(holder[0], data, jax.random.key(1))
-        return holder[0], metrics
-
-      self.fn = step
-    elif op == 'forward':
-      x = jax.device_put(images, batch_sharding)
-      t = jax.device_put(rng.integers(0, schedule.num_timesteps, (batch,)).astype(np.int32), batch_sharding)
-      compiled = forward.lower(model_params, x, t).compile()
-      flops = compiled.cost_analysis().get('flops', 0.0) * mesh.size  # Per device after SPMD partitioning.
-      self.fn = lambda: compiled(model_params, x, t)
-    elif op in ('ddim', 'ddpm'):
-      s = config.sampling
-      if op == 'ddim':
-        sampler = sampling.Sampler('ddim', r['sample_steps'], eta=s.eta, spacing=s.spacing, clip_x0=s.clip_x0)
-      else:
-        sampler = sampling.Sampler('ddpm', schedule.num_timesteps, variance='fixedlarge', clip_x0=s.clip_x0)
-      shape = (batch, size, size, channels)
-      sample_fn = exp.sample_fn(sampler)
-      args = (model_params, jax.random.key(2), np.int32(0))
-      compiled = sample_fn.lower(*args).compile()
-      timesteps, prev_timesteps = sampler.timesteps(schedule.num_timesteps)
-      # XLA counts a scan body once: the cost of one forward (the lowered, global module) times the model calls.
-      x = jax.ShapeDtypeStruct(shape, np.float32, sharding=batch_sharding)
-      t = jax.ShapeDtypeStruct((batch,), np.int32, sharding=batch_sharding)
-      flops = forward.lower(model_params, x, t).cost_analysis().get('flops', 0.0) * len(timesteps)
-      self.fn = lambda: compiled(*args)
-      reply.update(timesteps=timesteps.tolist(), prev_timesteps=prev_timesteps.tolist(), eta=sampler.eta,
-                   clip_x0=sampler.clip_x0)
-    else:
-      raise ValueError(f'Unknown operation {op!r}.')
-    compile_seconds = time.perf_counter() - start
-    device = jax.devices()[0]
-    o = config.optim
-    reply.update(
-        params=params, flops=flops, compile_seconds=compile_seconds, num_devices=mesh.size,
-        platform=device.platform, device_kind=device.device_kind, jax_version=jax.__version__,
-        image_size=size, channels=channels, ema_decay=config.training.ema_decay,
-        alphas_cumprod=np.asarray(schedule.alphas_cumprod, np.float64).tolist(),
-        betas=np.asarray(schedule.betas, np.float64).tolist(),
-        optim={k: o[k] for k in ('learning_rate', 'beta1', 'beta2', 'eps', 'grad_clip')})
-    return reply
-
-  def run(self, r: dict) -> dict:
-    del r
-    if self.fn is None:
-      raise ValueError('Nothing built: send {"op": "build", ...} first.')
-    start = time.perf_counter()
-    self.jax.block_until_ready(self.fn())
-    return {'seconds': time.perf_counter() - start}
-
-  def reset_peak(self, r: dict) -> dict:
-    del r
-    return {'reset': torch_worker.reset_peak_rss()}
-
-  def memory(self, r: dict) -> dict:
-    del r
-    stats = torch_worker.memory()
-    if self.jax is not None and self.jax.devices()[0].platform != 'cpu':
-      device_stats = [d.memory_stats() or {} for d in self.jax.local_devices()]
-      if all('peak_bytes_in_use' in s for s in device_stats):
-        stats['device_peak'] = max(s['peak_bytes_in_use'] for s in device_stats)
-    return stats
-
-
-def jax_worker_main() -> None:
-  # Import the frameworks before saying hello, so that its RSS is that of a started process (no backend yet:
-  # the build request still chooses the number of CPU devices).
-  import jax  # pylint: disable=g-import-not-at-top,unused-import
-  from diffusion_jax import experiment, sampling, train  # pylint: disable=g-import-not-at-top,unused-import
-  bench = JaxBench()
-  torch_worker.serve({'build': bench.build, 'run': bench.run, 'reset_peak': bench.reset_peak,
-                      'memory': bench.memory}, {'python': sys.version.split()[0], 'memory': torch_worker.memory()})
 
 
 # ------------------------------------------------------------------------------------------------------------
 # The driver.
 # ------------------------------------------------------------------------------------------------------------
-class WorkerError(RuntimeError):
-  """A worker process failed or died."""
-
-
-def _die_with_parent() -> None:
-  """In a worker before exec (Linux): SIGTERM it when the driver dies, e.g. on Ctrl-C during a long call."""
-  try:
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG.
-  except (OSError, AttributeError):
-    pass
-
-
-class Worker:
-  """A worker subprocess answering JSON-line requests; its stderr goes to a log file shown on failure."""
-
-  def __init__(self, name: str, argv: list[str], env: dict, log_dir: str):
-    self.name = name
-    self.log_path = os.path.join(log_dir, f'{name}.log')
-    self.log = open(self.log_path, 'w')  # pylint: disable=consider-using-with
-    try:
-      self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
-          argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=REPO, env=env,
-          preexec_fn=_die_with_parent)
-    except OSError as e:
-      raise WorkerError(f'Cannot start the {name} worker ({shlex.join(argv)}): {e}') from e
-    self.hello = self._read()['hello']
-
-  def _tail(self, lines: int = 30) -> str:
-    self.log.flush()
-    with open(self.log_path) as f:
-      return ''.join(f.readlines()[-lines:])
-
-  def _read(self) -> dict:
-    line = self.proc.stdout.readline()
-    if not line:
-      code = self.proc.wait()
-      raise WorkerError(f'The {self.name} worker exited with status {code}; the end of its log '
-                        f'{self.log_path}:\n{self._tail()}')
-    reply = json.loads(line)
-    if not reply.get('ok'):
-      raise WorkerError(f'The {self.name} worker failed:\n{reply.get("error")}')
-    return reply
-
-  def call(self, op: str, **kwargs) -> dict:
-    try:
-      self.proc.stdin.write(json.dumps(dict(kwargs, op=op)) + '\n')
-      self.proc.stdin.flush()
-    except BrokenPipeError:
-      pass  # The worker died; _read reports its exit status and log.
-    return self._read()
-
-  def close(self) -> None:
-    if self.proc.poll() is None:
-      try:
-        self.call('quit')
-        self.proc.wait(timeout=30)
-      except (WorkerError, subprocess.TimeoutExpired, OSError):
-        self.proc.kill()
-        self.proc.wait()
-    self.log.close()
-
-
 def check_torch_python(path: str) -> None:
   if not (os.path.isfile(path) and os.access(path, os.X_OK)):
     sys.exit(f'vs_pytorch: --torch_python={path} does not exist or is not executable; {TORCHENV_HINT}.')
-
-
-def peak_tflops(device_kind: str, dtype: str) -> float | None:
-  if FLAGS.peak_tflops:
-    return FLAGS.peak_tflops
-  for key, peaks in PEAK_TFLOPS:
-    if key.lower() in device_kind.lower():
-      return peaks[dtype]
-  return None
 
 
 def measure(name: str, config, op: str, batch: int, log_dir: str) -> dict:
@@ -352,7 +78,7 @@ def measure(name: str, config, op: str, batch: int, log_dir: str) -> dict:
   torch_env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV', 'PYTHONHOME')}
   workers = []
   try:
-    jax_side = Worker('jax', [sys.executable, os.path.abspath(__file__), '--worker=jax'], jax_env, log_dir)
+    jax_side = Worker('jax', [sys.executable, os.path.join(REPO, 'bench', 'jax_worker.py')], jax_env, log_dir)
     workers.append(jax_side)
     torch_side = Worker('torch', [FLAGS.torch_python, os.path.join(REPO, 'bench', 'torch_worker.py')],
                         torch_env, log_dir)
@@ -366,8 +92,9 @@ def measure(name: str, config, op: str, batch: int, log_dir: str) -> dict:
     timesteps = {k: built.get(k) for k in ('timesteps', 'prev_timesteps', 'eta', 'clip_x0')}
     start = time.perf_counter()
     torch_built = torch_side.call(
-        'build', unet=diffusers_unet_kwargs(config), op_name=OP_NAMES[op], batch=batch, image_size=built['image_size'],
-        channels=built['channels'], padded_size=padded_size(built['image_size'], len(config.model.ch_mult)),
+        'build', unet=harness.diffusers_unet_kwargs(config), op_name=OP_NAMES[op], batch=batch,
+        image_size=built['image_size'], channels=built['channels'],
+        padded_size=harness.padded_size(built['image_size'], len(config.model.ch_mult)),
         alphas_cumprod=built['alphas_cumprod'], betas=built['betas'], optim=built['optim'],
         ema_decay=built['ema_decay'], threads=FLAGS.threads, device=FLAGS.torch_device, dtype=FLAGS.dtype,
         seed=FLAGS.seed, **timesteps)
@@ -441,27 +168,6 @@ def foreign_cpu_share(before, after, seconds: float) -> float | None:
   return max(0.0, foreign / os.sysconf('SC_CLK_TCK') / (seconds * cores))
 
 
-def progress(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
-
-
-def machine_description() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
-  except OSError:
-    pass
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  try:
-    memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB
-  except (ValueError, OSError):
-    memory = float('nan')
-  load = ', '.join(f'{x:.2f}' for x in os.getloadavg()) if hasattr(os, 'getloadavg') else 'n/a'
-  return (f'{cpu}, {cores} usable cores ({os.cpu_count()} online), {memory:.1f} GiB RAM, load average at start '
-          f'{load}; {platform.system()} {platform.release()}')
-
-
 def share(value: float | None) -> str:
   return 'n/a' if value is None else f'{100 * value:.0f}%'
 
@@ -492,8 +198,9 @@ def report(results: list[dict], command: str, started: str, machine: str) -> str
              f'{peak("torch") / GIB:.2f}', f'{peak("jax") / GIB:.2f}', f'{r["batch"] / tm:.1f}',
              f'{r["batch"] / jm:.1f}', f'{r["flops"] / tm / 1e9:.1f}', f'{r["flops"] / jm / 1e9:.1f}']
     if accelerator:
-      top = peak_tflops(r['device_kind'], FLAGS.dtype)
-      mfu = lambda s: f'{100 * r["flops"] / s / (top * 1e12):.1f}%' if top else 'n/a'
+      top = perf.peak_flops(r['device_kind'], FLAGS.dtype, FLAGS.peak_tflops)
+      top = top and top * r['num_devices']
+      mfu = lambda s: f'{100 * r["flops"] / s / top:.1f}%' if top else 'n/a'
       cells += [mfu(tm) if r['torch_device'].startswith('cuda') else 'n/a (CPU)', mfu(jm)]
     lines.append('| ' + ' | '.join(cells) + ' |')
   lines += ['', '## Details', '', '| model | op | batch | PyTorch s (each) | JAX s (each) | JAX compile s | RSS GiB '
@@ -523,9 +230,10 @@ def report(results: list[dict], command: str, started: str, machine: str) -> str
             'sampling, the lowered forward times the model calls (XLA counts a scan body once). The PyTorch '
             'GFLOP/s divides the same count by its time.']
   if accelerator:
-    top = peak_tflops(first['device_kind'], FLAGS.dtype)
-    lines.append(f'- MFU: achieved FLOP/s over a peak of {top} TFLOP/s ({FLAGS.dtype}, {first["device_kind"]}; '
-                 '--peak_tflops overrides; table PEAK_TFLOPS: H100 SXM / H200 989 bf16, 67 fp32 dense).')
+    top = perf.peak_flops(first['device_kind'], FLAGS.dtype, FLAGS.peak_tflops)
+    lines.append(f'- MFU: achieved FLOP/s over a dense peak of {top and top / 1e12} TFLOP/s per device ({FLAGS.dtype}, '
+                 f'{first["device_kind"]}; --peak_tflops overrides; diffusion_jax/perf.py: H100 SXM / H200 989 '
+                 'bfloat16, 494 TF32 for float32).')
   lines += ['- Same work on both sides: train = uniform t, N(0, I) noise, q_sample, eps MSE, backward, global-norm '
             'clipping, Adam, EMA of the params (plus our loss / norm metrics); forward = inference (no dropout); '
             'sampling = the sampler loop of model calls and updates with clipped x_0.',
@@ -543,9 +251,6 @@ def report(results: list[dict], command: str, started: str, machine: str) -> str
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if FLAGS.worker == 'jax':
-    jax_worker_main()
-    return
   bad_ops = [op for op in FLAGS.ops if op not in OP_NAMES]
   if bad_ops:
     raise app.UsageError(f'Unknown --ops {bad_ops}; choose from {list(OP_NAMES)}.')
@@ -556,13 +261,13 @@ def main(argv):
   if FLAGS.repeats < 1 or FLAGS.warmup < 0 or FLAGS.sample_steps < 1:
     raise app.UsageError('--repeats and --sample_steps must be >= 1, --warmup >= 0.')
   check_torch_python(FLAGS.torch_python)
-  configs = {name: load_config(name) for name in FLAGS.models}
+  configs = {name: harness.load_config(name) for name in FLAGS.models}
   for config in configs.values():
-    diffusers_unet_kwargs(config)  # Raises for configs the PyTorch side cannot reproduce.
+    harness.diffusers_unet_kwargs(config)  # Raises for configs the PyTorch side cannot reproduce.
   command = shlex.join([os.path.relpath(sys.executable) if sys.executable.startswith(REPO) else 'python',
                         os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
   started = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
-  machine = machine_description()
+  machine = harness.machine_description()
   log_dir = tempfile.mkdtemp(prefix='vs_pytorch_')
   results = []
   try:

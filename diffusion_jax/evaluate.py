@@ -19,19 +19,15 @@ import os
 from typing import Iterator
 
 from absl import logging
-from etils import epy
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from diffusion_jax.checks import ConfigError, MissingFileError, check_positive_int
-from diffusion_jax import digit_classifier, files, generation, input_pipeline, likelihood, metrics, sample
+from diffusion_jax import digit_classifier, files, generation, input_pipeline, likelihood, metrics, sample, writers
 from diffusion_jax.models import inception
 from diffusion_jax.images import pad_batch
-
-with epy.lazy_imports():  # Loads TensorFlow (0.6 GiB): only when the results are written.
-  from clu import metric_writers
 
 FEATURES = ('auto', 'inception', 'digits')
 
@@ -154,7 +150,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:
     path = os.path.join(workdir, 'eval', f'{sample.run_name(config)}_step{step}.json')
     files.write_text(path, json.dumps(results, indent=2))
-    writer = metric_writers.create_default_writer(workdir, asynchronous=False)
+    writer = writers.create(workdir, asynchronous=False)
     writer.write_scalars(step, {f'eval/{k}': v for k, v in results.items() if isinstance(v, float)})
     writer.flush()
     logging.info('Evaluation results (%s): %s', path, json.dumps(results))

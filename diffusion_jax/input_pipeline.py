@@ -35,7 +35,9 @@ import io
 import itertools
 import multiprocessing.pool
 import os
+import queue
 import socket
+import threading
 from typing import Any, Iterator, Optional, Sequence, Union
 import weakref
 
@@ -59,6 +61,7 @@ LSUN_CATEGORIES = (
 # DDIM's CelebA crop (left, top, right, bottom): 128x128 around row 121, column 89 of the 178x218 images.
 CELEBA_BOX = (25, 57, 153, 185)
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+PREFETCH = 2  # Batches of in-memory data prepared ahead of the train step.
 LOAD_CHUNK = 1024  # Examples decoded and resized at a time while loading a TFDS dataset into memory.
 
 
@@ -414,12 +417,14 @@ def close_at_exit(iterator: Iterator) -> Iterator:
 
 def create_iterator(data: Data, global_batch: int, seed: int, start_step: int = 0, random_flip: bool = False,
                     process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Yields this host's batches {'image': float32 (b, H, W, C) in [-1, 1], 'label': int32 (b,)} from start_step."""
-  hide_gpus_from_tensorflow()
+  """Yields this host's batches {'image': float32 (b, H, W, C) in [-1, 1], 'label': int32 (b,)} from start_step.
+
+  In-memory data: a gather per batch, prepared PREFETCH batches ahead in a thread (no TensorFlow); data read by
+  random access: tf.data decodes the examples on all cores.
+  """
   if global_batch % process_count:
     raise ConfigError(f'batch size {global_batch} is not divisible by the {process_count} processes.')
   local, size = global_batch // process_count, len(data)
-
   random_access = isinstance(data, RandomAccessData)
 
   def host_batches():
@@ -431,19 +436,34 @@ def create_iterator(data: Data, global_batch: int, seed: int, start_step: int = 
       else:
         images, labels = data.read(indices)
         images[flips] = images[flips, :, ::-1]
-        yield images, labels
+        yield images_lib.to_float(images), labels
 
-  options = tf.data.Options()
-  if random_access:  # Read and decode example by example on all cores.
-    signature = (tf.TensorSpec((local,), tf.int64), tf.TensorSpec((local,), tf.bool))
-    ds = tf.data.Dataset.from_generator(host_batches, output_signature=signature).unbatch()
-    ds = ds.map(data.decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(local, drop_remainder=True)
-  else:
-    signature = (tf.TensorSpec((local, *data.image_shape), tf.uint8), tf.TensorSpec((local,), tf.int32))
-    ds = tf.data.Dataset.from_generator(host_batches, output_signature=signature)
-    options.threading.private_threadpool_size = 2  # Leave the cores to JAX: a batch is a cheap gather.
-  numpy_batches = ds.prefetch(2).with_options(options).as_numpy_iterator()
   logging.info('Dataset %s: %d images of %s, %d classes; %.1f global batches of %d per epoch.', data.name, size,
                data.image_shape, data.num_classes, size / global_batch, global_batch)
+  if not random_access:
+    return ({'image': images, 'label': labels} for images, labels in prefetch(host_batches(), PREFETCH))
+  hide_gpus_from_tensorflow()
+  signature = (tf.TensorSpec((local,), tf.int64), tf.TensorSpec((local,), tf.bool))
+  ds = tf.data.Dataset.from_generator(host_batches, output_signature=signature).unbatch()
+  ds = ds.map(data.decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(local, drop_remainder=True)
+  numpy_batches = ds.prefetch(2).as_numpy_iterator()
   return close_at_exit({'image': images_lib.to_float(images), 'label': labels} for images, labels in numpy_batches)
 
+
+def prefetch(iterator: Iterator, size: int) -> Iterator:
+  """The items of an endless iterator, computed up to `size` ahead by a daemon thread (its errors re-raised here)."""
+  items = queue.Queue(maxsize=size)
+
+  def fill():
+    try:
+      for item in iterator:
+        items.put((True, item))
+    except Exception as e:  # pylint: disable=broad-except  # Handed to the consumer, with its traceback.
+      items.put((False, e))
+
+  threading.Thread(target=fill, daemon=True, name='prefetch').start()
+  while True:
+    ok, item = items.get()
+    if not ok:
+      raise item
+    yield item

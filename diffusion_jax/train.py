@@ -13,7 +13,6 @@ from typing import Callable
 
 from absl import logging
 from clu import parameter_overview
-from etils import epy
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
@@ -22,15 +21,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffusion_jax import (checkpoints, diffusion, experiment, files, generation, images, input_pipeline, optim,
-                           train_state, workdir_lock)
+from diffusion_jax import (checkpoints, diffusion, experiment, files, generation, images, input_pipeline, optim, perf,
+                           train_state, workdir_lock, writers)
 from diffusion_jax.checks import ConfigError, NonFiniteLossError
 from diffusion_jax.train_state import TrainState
-
-# Loaded on first use, as a train step or a sampler needs neither: clu's writers load TensorFlow (0.6 GiB) when a
-# run writes its first summary.
-with epy.lazy_imports():
-  from clu import metric_writers, periodic_actions
 
 
 def example_randomness(rng: jax.Array, index: jax.Array, num_timesteps: int, image_shape: tuple[int, ...],
@@ -66,6 +60,14 @@ class TrainStep:
     for micro in range(self.num_micro_batches):
       total = self.micro(total, state.params, state.step, batch, rng, jnp.int32(micro))
     return self.update(state, total)
+
+  def flops(self, state: TrainState, batch: dict, rng: jax.Array, num_devices: int) -> float:
+    """FLOPs of one call over all devices, by XLA's cost analysis of the lowered programs (nothing is compiled)."""
+    if self.whole is not None:
+      return perf.cost_flops(self.whole.lower(state, batch, rng)) * num_devices
+    total = self.zeros(state.params)
+    micro = perf.cost_flops(self.micro.lower(total, state.params, state.step, batch, rng, jnp.int32(0)))
+    return (micro * self.num_micro_batches + perf.cost_flops(self.update.lower(state, total))) * num_devices
 
 
 def make_train_step(exp: experiment.Experiment) -> TrainStep:
@@ -186,6 +188,43 @@ def write_sample_grid(writer, sample_fn, params, config, workdir: str, step: int
     writer.write_images(step, {'ema_samples': grid[None]})
 
 
+def make_meter(exp: experiment.Experiment, train_step: TrainStep, state: TrainState, batch: dict,
+               rng: jax.Array) -> perf.Meter:
+  """The speed meter of the run: its FLOPs per step and the peak of all its devices (training.peak_tflops > 0
+  sets one device's; else the table of perf.PEAK_TFLOPS, none on CPUs)."""
+  device = exp.mesh.devices.flat[0]
+  peak = perf.peak_flops(device.device_kind, exp.config.model.dtype, exp.config.training.peak_tflops)
+  flops = train_step.flops(state, batch, rng, exp.mesh.size)
+  return perf.Meter(exp.config.training.batch_size, flops, peak and peak * exp.mesh.size)
+
+
+class Profile:
+  """A profiler trace of the run's steps (start, start + num_steps] (the first step compiles) in workdir:
+  jax.profiler's TensorBoard format (workdir/plugins/profile/RUN/*.xplane.pb), for TensorBoard's Profile tab."""
+
+  def __init__(self, workdir: str, start_step: int, num_steps: int):
+    self.workdir, self.first, self.last = workdir, start_step + 1, start_step + num_steps
+    self.tracing = False
+
+  def before(self, step: int) -> None:
+    """Before the step that advances the state from `step`."""
+    if step == self.first and self.last >= self.first:
+      jax.profiler.start_trace(self.workdir)
+      self.tracing = True
+
+  def after(self, step: int, metrics) -> None:
+    if self.tracing and step == self.last:
+      jax.block_until_ready(metrics)
+      self.stop()
+      logging.info('Profiled steps %d to %d into %s/plugins/profile (tensorboard --logdir %s, Profile tab).',
+                   self.first, self.last, self.workdir, self.workdir)
+
+  def stop(self) -> None:
+    if self.tracing:
+      self.tracing = False
+      jax.profiler.stop_trace()
+
+
 def check_finite(metrics: dict, step: int, manager) -> dict:
   """Returns the metrics as floats; raises NonFiniteLossError (naming the step) if the loss is NaN or Inf."""
   if not np.isfinite(metrics['loss']):
@@ -226,7 +265,7 @@ def train(exp: experiment.Experiment, data: input_pipeline.Data, workdir: str) -
     state = exp.init_state(jax.random.fold_in(jax.random.key(config.seed), 0))
   start_step = int(state.step)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = writers.create(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     parameter_overview.log_parameter_overview(state.params)
     writer.write_hparams(flatten(config.to_dict()))
@@ -237,18 +276,23 @@ def train(exp: experiment.Experiment, data: input_pipeline.Data, workdir: str) -
                                            config.data.random_flip, jax.process_index(), jax.process_count())
   train_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   num_steps = config.training.num_train_steps
-  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
   stop = StopSignal()
   logging.info('Training from step %d to %d on %d device(s); each step in %d micro-batch(es) of %d per device.',
                start_step, num_steps, exp.mesh.size, exp.grad_accum_steps,
                config.training.batch_size // exp.mesh.size // exp.grad_accum_steps)
+  profile = Profile(workdir, start_step, config.training.profile_steps)
+  meter = None
 
   step = start_step
   try:
     while step < num_steps:
-      state, metrics = train_step(state, shard_batch(next(batches), exp.mesh, exp.grad_accum_steps), train_rng)
+      batch = shard_batch(next(batches), exp.mesh, exp.grad_accum_steps)
+      if meter is None:
+        meter = make_meter(exp, train_step, state, batch, train_rng)
+      profile.before(step)
+      state, metrics = train_step(state, batch, train_rng)
       step += 1
-      report(step)
+      profile.after(step, metrics)
       is_last = step == num_steps
       stopping = stop.requested(step)
       log = step % config.training.log_every_steps == 0 or is_last or stopping
@@ -256,13 +300,23 @@ def train(exp: experiment.Experiment, data: input_pipeline.Data, workdir: str) -
       if log or save:
         logged = check_finite(jax.device_get(metrics), step, manager)
       if log:
-        writer.write_scalars(step, logged)
+        speed = meter.measure(step)
+        writer.write_scalars(step, {**logged, **{f'perf/{k}': v for k, v in speed.items()}})
+        if speed:
+          logging.info('Step %d of %d: %.2f steps/s, %.0f images/s%s; about %.0f min to go.', step, num_steps,
+                       speed['steps_per_sec'], speed['images_per_sec'],
+                       f', MFU {100 * speed["mfu"]:.1f}%' if 'mfu' in speed else '',
+                       (num_steps - step) / speed['steps_per_sec'] / 60)
       if save:
         checkpoints.save(manager, state)
       if stopping:
         break
       if step % config.training.sample_every_steps == 0 or is_last:
         write_sample_grid(writer, sample_fn, state.ema_params, config, workdir, step)
+      if log or save or step in (start_step + 1, profile.last):  # Time only train steps: restart after other work
+        # (compilation, checkpoints, sample grids, profiling).
+        jax.block_until_ready(metrics)
+        meter.start(step)
   except BaseException:
     try:  # The error under way is the one to report; a failing checkpoint write is only logged.
       checkpoints.wait_until_finished(manager)
@@ -273,6 +327,7 @@ def train(exp: experiment.Experiment, data: input_pipeline.Data, workdir: str) -
     checkpoints.wait_until_finished(manager)
   finally:
     writer.flush()
+    profile.stop()
     stop.restore()
   return state
 

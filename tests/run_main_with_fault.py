@@ -33,6 +33,7 @@ def inject(fault: str) -> None:
       def step(state, batch, rng):
         state, metrics = step_fn(state, batch, rng)
         return state, dict(metrics, loss=jnp.where(state.step >= first, jnp.nan, metrics['loss']))
+      step.flops = step_fn.flops  # For the speed meter.
       return step
     train.make_train_step = poisoned
   elif fault == 'slow_npz':

@@ -399,6 +399,7 @@ def test_nan_loss_stops_in_process_with_the_checkpoint_kept(tmp_path, monkeypatc
     def step(state, batch, rng):
       state, metrics = step_fn(state, batch, rng)
       return state, dict(metrics, loss=np.nan if int(state.step) >= 3 else metrics['loss'])
+    step.flops = step_fn.flops  # For the speed meter.
     return step
   monkeypatch.setattr(train, 'make_train_step', poisoned)
   with pytest.raises(NonFiniteLossError, match=r'The loss is nan at step 3.*last good checkpoint is at step 2'):
