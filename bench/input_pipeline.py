@@ -44,18 +44,18 @@ def png(image: np.ndarray) -> bytes:
 
 def make_data(images: np.ndarray, labels: np.ndarray):
   """The dataset of --source over uint8 images (N, 32, 32, 3)."""
-  from diffusion_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import datasets  # pylint: disable=g-import-not-at-top
   if FLAGS.source == 'memory':
-    return input_pipeline.ImageData(images, labels, 'synthetic', num_classes=10)
+    return datasets.ImageData(images, labels, 'synthetic', num_classes=10)
   if FLAGS.source == 'random_access':
-    return input_pipeline.RandomAccessData([{'image': png(x)} for x in images], 'synthetic PNG', 32, 3)
+    return datasets.RandomAccessData([{'image': png(x)} for x in images], 'synthetic PNG', 32, 3)
   with tempfile.TemporaryDirectory(prefix='bench_folder_') as folder:
     for i, (image, label) in enumerate(zip(images, labels)):
       os.makedirs(os.path.join(folder, f'class{label}'), exist_ok=True)
       with open(os.path.join(folder, f'class{label}', f'{i:06d}.png'), 'wb') as f:
         f.write(png(image))
     start = time.perf_counter()
-    data = input_pipeline.load_image_folder(folder, 32, 3, class_subfolders=True)
+    data = datasets.load_image_folder(folder, 32, 3, class_subfolders=True)
     seconds = time.perf_counter() - start
   print(f'Loading the image folder: {len(data):,} PNG files in {seconds:.1f} s ({len(data) / seconds:,.0f} files/s).')
   return data

@@ -148,16 +148,6 @@ class JaxBench:
     return stats
 
 
-def jax_worker_main() -> None:
-  # Import the frameworks before saying hello, so that its RSS is that of a started process (no backend yet:
-  # the build request still chooses the number of CPU devices).
-  import jax  # pylint: disable=g-import-not-at-top,unused-import
-  from diffusion_jax import experiment, sampling, train  # pylint: disable=g-import-not-at-top,unused-import
-  bench = JaxBench()
-  torch_worker.serve({'build': bench.build, 'run': bench.run, 'reset_peak': bench.reset_peak,
-                      'memory': bench.memory}, {'python': sys.version.split()[0], 'memory': torch_worker.memory()})
-
-
 def main() -> None:
   # Import the frameworks before saying hello, so that its RSS is that of a started process (no backend yet:
   # the build request still chooses the number of CPU devices).

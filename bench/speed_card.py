@@ -228,7 +228,7 @@ def report(rows: list[dict], meta: dict, s: dict) -> str:
   v = meta['versions']
   lines = [f'# Speed card: {meta["config"]} ({meta["params"]:,} parameters) on {meta["num_devices"]} x {device}', '',
            f'- date: {meta["date"]}', f'- command: `{meta["command"]}`', f'- machine: {meta["machine"]}',
-           f'- versions: ' + ', '.join(f'{k} {val}' for k, val in v.items() if k != 'torch_python')
+           '- versions: ' + ', '.join(f'{k} {val}' for k, val in v.items() if k != 'torch_python')
            + (f'; PyTorch {meta["torch"]["torch"]}, diffusers {meta["torch"]["diffusers"]}' if meta.get('torch')
               else '; PyTorch rows: ' + meta['torch_skipped']),
            f'- {s["warmup"]} warm-up then {s["steps"]} timed calls per train / forward row (one wait at the end); '

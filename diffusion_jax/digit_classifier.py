@@ -33,7 +33,7 @@ import numpy as np
 import optax
 import scipy.special
 
-from diffusion_jax import files, input_pipeline, metrics
+from diffusion_jax import datasets, files, metrics
 from diffusion_jax.checks import ConfigError
 from diffusion_jax.images import pad_batch, to_float
 
@@ -90,7 +90,7 @@ def split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def digit_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{'train': ..., 'held_out': ...}: uint8 images (N, 28, 28, 1) and int32 labels (N,) of the fixed split."""
-  data = input_pipeline.load_embedded_digits()
+  data = datasets.load_embedded_digits()
   train, held_out = split_indices(data.labels)
   return {'train': (data.images[train], data.labels[train]),
           'held_out': (data.images[held_out], data.labels[held_out])}

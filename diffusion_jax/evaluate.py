@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from diffusion_jax.checks import ConfigError, MissingFileError, check_positive_int
-from diffusion_jax import digit_classifier, files, generation, input_pipeline, likelihood, metrics, sample, writers
+from diffusion_jax import datasets, digit_classifier, files, generation, likelihood, metrics, sample, writers
 from diffusion_jax.models import inception
 from diffusion_jax.images import pad_batch
 
@@ -82,10 +82,10 @@ def batches_of(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     yield images[start:start + batch_size]
 
 
-def dataset_batches(data: input_pipeline.Data, batch_size: int, total: int) -> Iterator[np.ndarray]:
+def dataset_batches(data: datasets.Data, batch_size: int, total: int) -> Iterator[np.ndarray]:
   """The dataset's first `total` images in order as uint8 batches (b, H, W, C), unaugmented."""
   for start in range(0, total, batch_size):
-    yield input_pipeline.read_images(data, np.arange(start, min(start + batch_size, total)))
+    yield datasets.read_images(data, np.arange(start, min(start + batch_size, total)))
 
 
 def compute_reference_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -97,7 +97,7 @@ def compute_reference_stats(config: ml_collections.ConfigDict, workdir: str) -> 
   if limit != -1:
     check_positive_int('eval.reference_images (or -1 for all)', limit)
   variables = load_inception(config)
-  data = input_pipeline.load_dataset(config.data)
+  data = datasets.load_dataset(config.data)
   total = len(data) if limit == -1 else min(limit, len(data))
   logging.info('Reference statistics of %s: %d images.', data.name, total)
   accumulator, _ = inception_features(variables, dataset_batches(data, config.eval.batch_size, total),
@@ -159,7 +159,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def training_bits_per_dim(config, exp, params, num_images: int) -> float:
   """The variational bound in bits/dim of the first num_images training images (all T terms each)."""
-  data = input_pipeline.load_dataset(config.data)
+  data = datasets.load_dataset(config.data)
   if num_images > len(data):
     raise ConfigError(f'eval.bpd_images={num_images} but the dataset has {len(data)} images.')
   images = np.concatenate(list(dataset_batches(data, config.eval.batch_size, num_images)))

@@ -12,7 +12,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffusion_jax import diffusion, generation, input_pipeline, optim, runtime, sampling, train_state
+from diffusion_jax import datasets, diffusion, generation, optim, runtime, sampling, train_state
 from diffusion_jax.checks import ConfigError, check_choice
 from diffusion_jax.models.unet import DTYPES, check_unet_config, unet_from_config
 from diffusion_jax.schedules import BETA_SCHEDULES, Schedule, schedule_from_config
@@ -20,7 +20,7 @@ from diffusion_jax.schedules import BETA_SCHEDULES, Schedule, schedule_from_conf
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Checks the config before any data loading or compilation; raises a ConfigError naming the problem."""
-  input_pipeline.check_dataset_name(config.data.dataset)
+  datasets.check_dataset_name(config.data.dataset)
   for kind, value, allowed in (('noise schedule', config.diffusion.schedule, tuple(BETA_SCHEDULES)),
                                ('parameterization', config.diffusion.parameterization, diffusion.PARAMETERIZATIONS),
                                ('loss type', config.diffusion.loss, diffusion.LOSS_TYPES),

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from diffusion_jax import checkpoints, experiment, files, generation, images, input_pipeline, karras, runtime, sampling
+from diffusion_jax import checkpoints, datasets, experiment, files, generation, images, karras, runtime, sampling
 from diffusion_jax.checks import ConfigError, MissingFileError, check_positive_int
 
 
@@ -148,8 +148,8 @@ def interpolation_pair(config) -> np.ndarray:
   """uint8 (2, H, W, C): the files sampling.interpolate_files, or the first and the middle training image."""
   d, files = config.data, config.sampling.interpolate_files
   if not files:
-    data = input_pipeline.load_dataset(config.data)
-    return input_pipeline.read_images(data, np.array([0, len(data) // 2]))
+    data = datasets.load_dataset(config.data)
+    return datasets.read_images(data, np.array([0, len(data) // 2]))
   if len(files) != 2:
     raise ConfigError(f'sampling.interpolate_files must name two images, got {len(files)}: {files}.')
   pictures = []
@@ -160,7 +160,7 @@ def interpolation_pair(config) -> np.ndarray:
   if pictures[0].size != pictures[1].size:
     raise ConfigError(f'Cannot interpolate between images of different sizes: {files[0]} is {pictures[0].size[0]}x'
                       f'{pictures[0].size[1]} and {files[1]} is {pictures[1].size[0]}x{pictures[1].size[1]}.')
-  return np.stack([input_pipeline.fit_image(p, d.image_size, d.channels) for p in pictures])
+  return np.stack([datasets.fit_image(p, d.image_size, d.channels) for p in pictures])
 
 
 def interpolate_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -21,8 +21,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffusion_jax import (checkpoints, diffusion, experiment, files, generation, images, input_pipeline, optim, perf,
-                           train_state, workdir_lock, writers)
+from diffusion_jax import (checkpoints, datasets, diffusion, experiment, files, generation, images, input_pipeline,
+                           optim, perf, train_state, workdir_lock, writers)
 from diffusion_jax.checks import ConfigError, NonFiniteLossError
 from diffusion_jax.train_state import TrainState
 
@@ -245,14 +245,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   exp = experiment.build(config)  # Checks the config first.
   with workdir_lock.hold(workdir), files.write_errors(workdir):
     checkpoints.check_workdir_config(config, workdir)
-    data = input_pipeline.load_dataset(config.data)
+    data = datasets.load_dataset(config.data)
     if config.model.num_classes and config.model.num_classes != data.num_classes:
       raise ConfigError(f'model.num_classes={config.model.num_classes} but dataset {data.name!r} has '
                         f'{data.num_classes or "no"} classes: set --config.model.num_classes={data.num_classes}.')
     return train(exp, data, workdir)
 
 
-def train(exp: experiment.Experiment, data: input_pipeline.Data, workdir: str) -> TrainState:
+def train(exp: experiment.Experiment, data: datasets.Data, workdir: str) -> TrainState:
   """The training loop of train_and_evaluate, in a workdir it holds."""
   config = exp.config
   checkpoints.write_workdir_config(config, workdir)

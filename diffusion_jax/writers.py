@@ -23,9 +23,9 @@ def create(logdir: str, just_logging: bool = False, asynchronous: bool = True):
   """
   if tensorflow_installed():
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    from diffusion_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    from diffusion_jax import datasets  # pylint: disable=g-import-not-at-top
     if not just_logging:
-      input_pipeline.hide_gpus_from_tensorflow()
+      datasets.hide_gpus_from_tensorflow()
     return metric_writers.create_default_writer(logdir, just_logging=just_logging, asynchronous=asynchronous)
   return EventWriter(None if just_logging else logdir)
 

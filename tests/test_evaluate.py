@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from diffusion_jax import evaluate, input_pipeline, likelihood, metrics, train
+from diffusion_jax import datasets, evaluate, likelihood, metrics, train
 from diffusion_jax.models import inception
 from diffusion_jax.models.unet import unet_from_config
 from diffusion_jax.schedules import schedule_from_config
@@ -49,12 +49,12 @@ def rgb_config(workdir_weights):
 @pytest.fixture
 def rgb_digits(monkeypatch):
   """Turns the embedded digits into RGB images (asymmetric, so that a flip would change them)."""
-  real = input_pipeline.load_embedded_digits
+  real = datasets.load_embedded_digits
 
   def rgb():
     data = real()
-    return input_pipeline.ImageData(np.repeat(data.images, 3, -1), data.labels, data.name, data.num_classes)
-  monkeypatch.setattr(input_pipeline, 'load_embedded_digits', rgb)
+    return datasets.ImageData(np.repeat(data.images, 3, -1), data.labels, data.name, data.num_classes)
+  monkeypatch.setattr(datasets, 'load_embedded_digits', rgb)
 
 
 @pytest.mark.slow
@@ -64,7 +64,7 @@ def test_reference_stats_are_of_the_unflipped_training_images(inception_weights,
   assert path == os.path.join(str(tmp_path), 'eval', 'reference_digits_8.npz')
   saved = metrics.load_statistics(path, 'inception_pool3')
   assert saved.num_images == 16 and saved.dataset == 'digits'
-  images = input_pipeline.load_dataset(config.data).images[:16]
+  images = datasets.load_dataset(config.data).images[:16]
   variables = inception.load_inception_params(inception_weights)
   features, _ = inception.InceptionV3().apply(variables, jnp.asarray(images, jnp.float32))
   mu, sigma = metrics.activation_statistics(np.asarray(features))
@@ -101,7 +101,7 @@ def test_eval_of_digits_with_the_classifier(tmp_path):
   assert results['features'] == 'digits' and results['num_samples'] == 12
   # Bits/dim of the first 3 training images, recomputed from the EMA weights (all T = 20 terms).
   model = unet_from_config(config.model)
-  images = input_pipeline.load_dataset(config.data).images[:3]
+  images = datasets.load_dataset(config.data).images[:3]
   expected = likelihood.dataset_bits_per_dim(lambda x, t: model.apply({'params': state.ema_params}, x, t),
                                              schedule_from_config(config.diffusion), images, 2, jax.random.key(0))
   np.testing.assert_allclose(results['bits_per_dim'], expected, rtol=1e-5)

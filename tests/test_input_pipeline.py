@@ -12,17 +12,17 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import celeba64, celebahq256, cifar10, default, fashion_mnist, lsun256, mnist
-from diffusion_jax import input_pipeline, train
+from diffusion_jax import datasets, input_pipeline, train
 from diffusion_jax.images import to_float, to_uint8
 
 
 @pytest.fixture(scope='module')
 def digits():
-  return input_pipeline.load_embedded_digits()
+  return datasets.load_embedded_digits()
 
 
 def small(data, n=40):
-  return input_pipeline.ImageData(data.images[::len(data) // n][:n], data.labels[::len(data) // n][:n], 'small')
+  return datasets.ImageData(data.images[::len(data) // n][:n], data.labels[::len(data) // n][:n], 'small')
 
 
 def take(data, steps, global_batch, seed=0, **kwargs):
@@ -33,9 +33,9 @@ def take(data, steps, global_batch, seed=0, **kwargs):
 
 def all_images(data):
   """Every image of a dataset as uint8 (N, H, W, C), in index order."""
-  if isinstance(data, input_pipeline.ImageData):
+  if isinstance(data, datasets.ImageData):
     return data.images
-  return np.stack([input_pipeline.decode_image(data.source[i]['image'], data.image_size, data.channels)
+  return np.stack([datasets.decode_image(data.source[i]['image'], data.image_size, data.channels)
                    for i in range(len(data))])
 
 
@@ -119,12 +119,12 @@ def test_random_flip(digits):
 def test_resize_images_crops_the_central_square():
   images = np.zeros((1, 6, 10, 1), np.uint8)
   images[0, :, 2:8] = 200  # The central 6x6 square is 200, outside it is 0.
-  out = input_pipeline.resize_images(images, 3)
+  out = datasets.resize_images(images, 3)
   assert out.shape == (1, 3, 3, 1)
   np.testing.assert_array_equal(out[0, :, :, 0], 200)
   faces = np.zeros((2, 218, 178, 3), np.uint8)
   faces[:, 57:185, 25:153] = 90  # DDIM's CelebA box.
-  np.testing.assert_array_equal(input_pipeline.resize_images(faces, 64, input_pipeline.CELEBA_BOX), 90)
+  np.testing.assert_array_equal(datasets.resize_images(faces, 64, datasets.CELEBA_BOX), 90)
 
 
 def test_uint8_round_trip():
@@ -136,22 +136,22 @@ def test_unknown_dataset():
   with pytest.raises(ValueError, match=r"Unknown dataset 'imagenet'; choose one of \['celeba', 'celebahq', 'cifar10', "
                                        r"'digits', 'fashion_mnist', 'folder', 'lsun/CATEGORY', 'mnist'\] \(LSUN "
                                        r'categories: airplane, bedroom'):
-    input_pipeline.load_dataset(data_config(dataset='imagenet'))
+    datasets.load_dataset(data_config(dataset='imagenet'))
   with pytest.raises(ValueError, match=r"Unknown dataset 'lsun/beach'"):
-    input_pipeline.check_dataset_name('lsun/beach')
+    datasets.check_dataset_name('lsun/beach')
 
 
 @pytest.mark.parametrize('size', [0, -3, 2.5, '32', True, None])
 def test_image_size_must_be_a_positive_integer(size):
   with pytest.raises(ValueError, match=r'data.image_size must be a positive integer, got '):
-    input_pipeline.load_dataset(data_config(dataset='folder', folder='/nonexistent', image_size=size))
+    datasets.load_dataset(data_config(dataset='folder', folder='/nonexistent', image_size=size))
 
 
 def test_channels_must_be_1_or_3_and_match_a_tfds_dataset():
   with pytest.raises(ValueError, match=r'data.channels must be 1 \(grayscale\) or 3 \(RGB\), got 2'):
-    input_pipeline.load_dataset(data_config(channels=2))
+    datasets.load_dataset(data_config(channels=2))
   with pytest.raises(ValueError, match=r"Dataset 'mnist' has 1 channels but data.channels=3"):
-    input_pipeline.load_dataset(data_config(dataset='mnist', channels=3))
+    datasets.load_dataset(data_config(dataset='mnist', channels=3))
 
 
 @pytest.mark.parametrize('dataset, message', [
@@ -162,8 +162,8 @@ def test_channels_must_be_1_or_3_and_match_a_tfds_dataset():
 ])
 def test_unprepared_tfds_dataset_fails_fast_with_instructions(dataset, message, tmp_path):
   start = time.time()
-  with pytest.raises(input_pipeline.DatasetError, match=message):
-    input_pipeline.load_dataset(data_config(dataset=dataset, image_size=32, channels=3, data_dir=str(tmp_path),
+  with pytest.raises(datasets.DatasetError, match=message):
+    datasets.load_dataset(data_config(dataset=dataset, image_size=32, channels=3, data_dir=str(tmp_path),
                                             download=False))
   assert time.time() - start < 30
 
@@ -172,16 +172,16 @@ def test_random_access_dataset_stored_as_tfrecord_says_how_to_convert_it(tmp_pat
   builder = tfds.builder('lsun/bedroom', data_dir=str(tmp_path))
   os.makedirs(builder.data_dir)
   builder.info.write_to_directory(builder.data_dir)  # "Prepared" as tfrecord, the default format.
-  with pytest.raises(input_pipeline.DatasetError, match=r"'lsun/bedroom' in .* is not stored as array_record.*"
+  with pytest.raises(datasets.DatasetError, match=r"'lsun/bedroom' in .* is not stored as array_record.*"
                                                         r'tfds convert_format --dataset_version_dir='):
-    input_pipeline.load_dataset(data_config(dataset='lsun/bedroom', image_size=32, channels=3,
+    datasets.load_dataset(data_config(dataset='lsun/bedroom', image_size=32, channels=3,
                                             data_dir=str(tmp_path), download=False))
 
 
 @pytest.fixture
 def mock_tfds(monkeypatch):
   """TFDS datasets of 16 random examples; "downloading" them is a no-op."""
-  monkeypatch.setattr(input_pipeline, 'network_reachable', lambda: True)
+  monkeypatch.setattr(datasets, 'network_reachable', lambda: True)
   with tfds.testing.mock_data(num_examples=16):
     yield
 
@@ -191,7 +191,7 @@ def mock_tfds(monkeypatch):
     ids=['mnist', 'fashion_mnist', 'cifar10', 'celeba64', 'celebahq256', 'lsun256'])
 def test_every_tfds_config_loads_under_mock_data(config_module, num_classes, mock_tfds):
   config = config_module.get_config().data
-  data = input_pipeline.load_dataset(config)
+  data = datasets.load_dataset(config)
   assert len(data) == 16 and data.num_classes == num_classes
   batches = take(data, 3, 8, random_flip=config.random_flip)  # Crosses an epoch boundary.
   size = config.image_size
@@ -206,9 +206,9 @@ def test_every_tfds_config_loads_under_mock_data(config_module, num_classes, moc
 
 
 def test_random_access_data_resumes_and_splits_over_hosts(mock_tfds):
-  data = input_pipeline.load_dataset(lsun256.get_config('bedroom').data)
-  assert isinstance(data, input_pipeline.RandomAccessData)
-  data = input_pipeline.RandomAccessData(data.source, data.name, 16, 3)  # Small images: a fast test.
+  data = datasets.load_dataset(lsun256.get_config('bedroom').data)
+  assert isinstance(data, datasets.RandomAccessData)
+  data = datasets.RandomAccessData(data.source, data.name, 16, 3)  # Small images: a fast test.
   batches = take(data, 3, 8, seed=2, random_flip=True)
   resumed = take(data, 1, 8, seed=2, start_step=2, random_flip=True)[0]
   np.testing.assert_array_equal(resumed['image'], batches[2]['image'])
@@ -243,14 +243,14 @@ def image_folder(tmp_path_factory):
 
 
 def test_image_folder_loads_classes_at_the_configured_size(image_folder):
-  data = input_pipeline.load_dataset(data_config(dataset='folder', folder=image_folder, image_size=8, channels=3))
+  data = datasets.load_dataset(data_config(dataset='folder', folder=image_folder, image_size=8, channels=3))
   assert data.images.shape == (8, 8, 8, 3) and data.images.dtype == np.uint8
   assert data.num_classes == 2
   np.testing.assert_array_equal(data.labels, [0, 0, 0, 0, 1, 1, 1, 1])  # cats, then dogs (paths sorted).
   np.testing.assert_array_equal(data.images[0], 255)  # cats/a_wide.png: its central square, resized.
-  gray = input_pipeline.load_dataset(data_config(dataset='folder', folder=image_folder, image_size=5, channels=1))
+  gray = datasets.load_dataset(data_config(dataset='folder', folder=image_folder, image_size=5, channels=1))
   assert gray.images.shape == (8, 5, 5, 1)
-  unlabeled = input_pipeline.load_dataset(data_config(dataset='folder', folder=os.path.join(image_folder, 'dogs'),
+  unlabeled = datasets.load_dataset(data_config(dataset='folder', folder=os.path.join(image_folder, 'dogs'),
                                                       image_size=8, channels=3, folder_labels=False))
   assert len(unlabeled) == 4 and unlabeled.num_classes == 0 and not unlabeled.labels.any()
   check_hosts_split_an_epoch(data, 4)
@@ -270,22 +270,22 @@ def test_image_folder_trains(image_folder, tmp_path):
 
 def test_image_folder_errors(image_folder, tmp_path):
   def load(folder, **kwargs):
-    return input_pipeline.load_dataset(data_config(dataset='folder', folder=folder, image_size=8, channels=3,
+    return datasets.load_dataset(data_config(dataset='folder', folder=folder, image_size=8, channels=3,
                                                    **kwargs))
 
-  with pytest.raises(input_pipeline.DatasetError, match=r"data.dataset='folder' needs data.folder"):
+  with pytest.raises(datasets.DatasetError, match=r"data.dataset='folder' needs data.folder"):
     load(None)
-  with pytest.raises(input_pipeline.DatasetError, match=r"Image folder '.*nowhere' \(data.folder\) does not exist"):
+  with pytest.raises(datasets.DatasetError, match=r"Image folder '.*nowhere' \(data.folder\) does not exist"):
     load(str(tmp_path / 'nowhere'))
   (tmp_path / 'empty').mkdir()
   (tmp_path / 'empty' / 'readme.txt').write_text('no images')
-  with pytest.raises(input_pipeline.DatasetError, match=r'holds no PNG or JPEG files \(searched recursively; 1 other'):
+  with pytest.raises(datasets.DatasetError, match=r'holds no PNG or JPEG files \(searched recursively; 1 other'):
     load(str(tmp_path / 'empty'))
 
   mixed = str(tmp_path / 'mixed')
   shutil.copytree(image_folder, mixed)
   shutil.copy(os.path.join(image_folder, 'cats', 'b.png'), os.path.join(mixed, 'top.png'))
-  with pytest.raises(input_pipeline.DatasetError, match=r"mixes image files at its top level \(e.g. 'top.png'\)"):
+  with pytest.raises(datasets.DatasetError, match=r"mixes image files at its top level \(e.g. 'top.png'\)"):
     load(mixed)
   assert len(load(mixed, folder_labels=False)) == 9
 
@@ -296,7 +296,7 @@ def test_image_folder_errors(image_folder, tmp_path):
   with open(os.path.join(image_folder, 'dogs', 'a.jpg'), 'rb') as src, \
       open(os.path.join(corrupt, 'dogs', 'truncated.jpg'), 'wb') as dst:
     dst.write(src.read()[:300])
-  with pytest.raises(input_pipeline.DatasetError,
+  with pytest.raises(datasets.DatasetError,
                      match=r"2 of 10 files in image folder '.*corrupt' cannot be decoded: cats/broken.png "
                            r'\(UnidentifiedImageError: .*\); dogs/truncated.jpg \(OSError: .*\). Delete or repair'):
     load(corrupt)
