@@ -60,6 +60,8 @@ def get_config():
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 1e-3
   config.optim.warmup_steps = 100
+  # After the warmup: constant (Ho et al.) | cosine (decays to 0 at training.num_train_steps: better short runs).
+  config.optim.lr_decay = 'constant'
   config.optim.grad_clip = 1.0
   config.optim.beta1 = 0.9
   config.optim.beta2 = 0.999

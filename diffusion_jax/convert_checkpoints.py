@@ -51,7 +51,8 @@ def convert_workdir(workdir: str) -> list[int]:
   if not steps:
     raise ConfigError(f'No checkpoint of the earlier layout (checkpoints/<step>/default) in {directory}.')
   with open(os.path.join(workdir, 'config.json')) as f:
-    tx = optim.create_optimizer(ml_collections.ConfigDict(json.load(f)).optim)
+    saved = ml_collections.ConfigDict(json.load(f))
+  tx = optim.create_optimizer(saved.optim, saved.training.num_train_steps)
   states = {step: state_from_layout1(ocp.StandardCheckpointer().restore(
       os.path.join(directory, str(step), 'default')), tx) for step in steps}
   os.makedirs(os.path.join(directory, BACKUP), exist_ok=True)

@@ -24,7 +24,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   for kind, value, allowed in (('noise schedule', config.diffusion.schedule, tuple(BETA_SCHEDULES)),
                                ('parameterization', config.diffusion.parameterization, diffusion.PARAMETERIZATIONS),
                                ('loss type', config.diffusion.loss, diffusion.LOSS_TYPES),
-                               ('loss weighting', config.diffusion.loss_weighting, diffusion.LOSS_WEIGHTINGS)):
+                               ('loss weighting', config.diffusion.loss_weighting, diffusion.LOSS_WEIGHTINGS),
+                              ('learning-rate decay', config.optim.lr_decay, optim.LR_DECAYS)):
     check_choice(kind, value, allowed)
   if not config.diffusion.snr_gamma > 0:
     raise ConfigError(f'diffusion.snr_gamma must be > 0 (min-SNR weighting clips the SNR at it; Hang et al. use 5), '
@@ -116,7 +117,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Experi
   mesh = mesh or runtime.create_mesh()
   check_config(config, mesh.size)
   model = unet_from_config(config.model)
-  tx = optim.create_optimizer(config.optim)
+  tx = optim.create_optimizer(config.optim, config.training.num_train_steps)
   replicated = NamedSharding(mesh, P())
   shapes = jax.eval_shape(lambda key: train_state.create(init_params(model, config.data, key), tx),
                           jax.random.key(0))

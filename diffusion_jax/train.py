@@ -80,7 +80,7 @@ def make_train_step(exp: experiment.Experiment) -> TrainStep:
   """
   config, model, schedule, k = exp.config, exp.model, exp.schedule, exp.grad_accum_steps
   num_classes = config.model.num_classes
-  lr_schedule = optim.learning_rate_schedule(config.optim)
+  lr_schedule = optim.learning_rate_schedule(config.optim, config.training.num_train_steps)
 
   def loss_and_grads(params, batch: dict, rng: jax.Array, step: jax.Array, micro: jax.Array):
     """Per device: the mean loss over this device's examples of one micro-batch, and its gradients."""

@@ -171,6 +171,7 @@ def test_workdir_of_another_architecture_is_refused(trained):
     ('diffusion', 'loss_weighting', 'p2', r"Unknown loss weighting 'p2'; choose one of \['min_snr', 'none'\]"),
     ('diffusion', 'snr_gamma', 0.0, r'diffusion.snr_gamma must be > 0 .*got 0.0'),
     ('diffusion', 'schedule', 'cubic', r"Unknown noise schedule 'cubic'"),
+    ('optim', 'lr_decay', 'linear', r"Unknown learning-rate decay 'linear'; choose one of \['constant', 'cosine'\]"),
     ('training', 'batch_size', 0, r'training.batch_size=0 must be a positive multiple'),
     ('model', 'attn_resolutions', (3,), r'attention resolution\(s\) \[3\] never occur'),
 ])

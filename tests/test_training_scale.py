@@ -239,12 +239,26 @@ def test_ema_equals_the_closed_form(tmp_path):
   assert jax.tree.leaves(state.ema_params)[0] is not jax.tree.leaves(state.params)[0]
 
 
+def test_learning_rate_schedules_against_the_closed_form():
+  config = tiny_config()
+  config.optim.learning_rate, config.optim.warmup_steps = 2e-3, 10
+  constant = optim.learning_rate_schedule(config.optim, 110)
+  config.optim.lr_decay = 'cosine'
+  cosine = optim.learning_rate_schedule(config.optim, 110)
+  for step in (0, 5, 10):  # The same linear warmup.
+    assert float(constant(step)) == pytest.approx(float(cosine(step))) == pytest.approx(2e-3 * step / 10)
+  for step in (10, 35, 60, 85, 110):  # lr (1 + cos(pi (s - warmup) / (T - warmup))) / 2, then 0.
+    assert float(cosine(step)) == pytest.approx(1e-3 * (1 + np.cos(np.pi * (step - 10) / 100)), abs=1e-9)
+    assert float(constant(step)) == pytest.approx(2e-3)
+  assert float(cosine(200)) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_apply_update_is_optax_and_the_ema_on_the_params_tree():
   """apply_update against optax and the EMA written out on the tree, for 3 steps of warmup with gradient clipping
   active in some of them; the optimizer state is optax's own, a tree like the params."""
   config = tiny_config()
   config.optim.warmup_steps, config.optim.grad_clip = 2, 3.0
-  tx = optim.create_optimizer(config.optim)
+  tx = optim.create_optimizer(config.optim, config.training.num_train_steps)
   rng = np.random.default_rng(0)
   shapes = {'conv': {'kernel': (3, 3, 2, 4), 'bias': (4,)}, 'norm': {'scale': (4,), 'bias': (4,)}, 'out': (5, 3)}
   draw = lambda scale: jax.tree.map(lambda s: (scale * rng.normal(size=s)).astype(np.float32), shapes,
