@@ -12,8 +12,8 @@ Images are center-cropped to a square (or to a dataset's box) and resized (bilin
     (labels in sorted name order); a flat folder is unlabeled. A file that cannot be decoded is
     an error naming it: no file is skipped silently.
 
-TensorFlow (0.6 GiB of memory) is imported on first use, with the GPUs hidden from it: TFDS datasets and
-image folders need it; the embedded digits, sampling and the benchmarks do not.
+TensorFlow (0.6 GiB of memory; the optional `tfds` extra) is imported on first use, with the GPUs hidden from it:
+TFDS datasets and image folders need it; the embedded digits, sampling and the benchmarks do not.
 """
 from __future__ import annotations
 
@@ -232,8 +232,16 @@ def prepare_tfds(builder, name: str, random_access: bool, download: bool) -> Non
   builder.download_and_prepare(file_format=file_format)
 
 
+def require_tensorflow(what: str, module: str = 'tensorflow') -> None:
+  """Raises a DatasetError naming the install command when `module` (TensorFlow, or TFDS) is not installed."""
+  if importlib.util.find_spec(module) is None:
+    raise DatasetError(f'{what} needs {"TensorFlow Datasets" if module == "tensorflow_datasets" else "TensorFlow"}, '
+                       "which is not installed: pip install -e '.[tfds]' (the embedded digits need neither).")
+
+
 def load_tfds(name: str, data_config) -> Data:
   """A TFDS training split at data.image_size: in memory, or by random access for the 256px datasets."""
+  require_tensorflow(f'data.dataset={name!r}', 'tensorflow_datasets')
   hide_gpus_from_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   source = TFDS_DATASETS[name]
@@ -301,6 +309,7 @@ def read_image_file(path: str, size: int, channels: int) -> Union[np.ndarray, Ex
 
 def load_image_folder(folder: Optional[str], size: int, channels: int, class_subfolders: bool) -> ImageData:
   """Every PNG/JPEG file under `folder`, decoded and resized once; a file that fails is an error naming it."""
+  require_tensorflow("data.dataset='folder' (tf.io.gfile reads local and gs:// folders)")
   hide_gpus_from_tensorflow()
   if not folder:
     raise DatasetError("data.dataset='folder' needs data.folder, a directory of PNG/JPEG files: set "

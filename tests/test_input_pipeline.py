@@ -2,6 +2,7 @@
 deterministic resumable stream, host sharding, flips, value ranges and clear errors for bad input."""
 import os
 import shutil
+import sys
 import time
 
 import jax
@@ -164,8 +165,19 @@ def test_unprepared_tfds_dataset_fails_fast_with_instructions(dataset, message, 
   start = time.time()
   with pytest.raises(datasets.DatasetError, match=message):
     datasets.load_dataset(data_config(dataset=dataset, image_size=32, channels=3, data_dir=str(tmp_path),
-                                            download=False))
+                                      download=False))
   assert time.time() - start < 30
+
+
+@pytest.mark.parametrize('dataset, module, message', [
+    ('cifar10', 'tensorflow_datasets', r"data.dataset='cifar10' needs TensorFlow Datasets, which is not installed: "
+                                       r"pip install -e '.\[tfds\]'"),
+    ('folder', 'tensorflow', r"data.dataset='folder' .* needs TensorFlow, which is not installed"),
+])
+def test_dataset_without_its_tensorflow_says_which_extra_to_install(dataset, module, message, monkeypatch, tmp_path):
+  monkeypatch.setitem(sys.modules, module, None)  # As if not installed: find_spec answers None.
+  with pytest.raises(datasets.DatasetError, match=message):
+    datasets.load_dataset(data_config(dataset=dataset, image_size=32, channels=3, folder=str(tmp_path)))
 
 
 def test_random_access_dataset_stored_as_tfrecord_says_how_to_convert_it(tmp_path):
@@ -173,9 +185,9 @@ def test_random_access_dataset_stored_as_tfrecord_says_how_to_convert_it(tmp_pat
   os.makedirs(builder.data_dir)
   builder.info.write_to_directory(builder.data_dir)  # "Prepared" as tfrecord, the default format.
   with pytest.raises(datasets.DatasetError, match=r"'lsun/bedroom' in .* is not stored as array_record.*"
-                                                        r'tfds convert_format --dataset_version_dir='):
+                                                  r'tfds convert_format --dataset_version_dir='):
     datasets.load_dataset(data_config(dataset='lsun/bedroom', image_size=32, channels=3,
-                                            data_dir=str(tmp_path), download=False))
+                                      data_dir=str(tmp_path), download=False))
 
 
 @pytest.fixture
@@ -251,7 +263,7 @@ def test_image_folder_loads_classes_at_the_configured_size(image_folder):
   gray = datasets.load_dataset(data_config(dataset='folder', folder=image_folder, image_size=5, channels=1))
   assert gray.images.shape == (8, 5, 5, 1)
   unlabeled = datasets.load_dataset(data_config(dataset='folder', folder=os.path.join(image_folder, 'dogs'),
-                                                      image_size=8, channels=3, folder_labels=False))
+                                                image_size=8, channels=3, folder_labels=False))
   assert len(unlabeled) == 4 and unlabeled.num_classes == 0 and not unlabeled.labels.any()
   check_hosts_split_an_epoch(data, 4)
 
@@ -271,7 +283,7 @@ def test_image_folder_trains(image_folder, tmp_path):
 def test_image_folder_errors(image_folder, tmp_path):
   def load(folder, **kwargs):
     return datasets.load_dataset(data_config(dataset='folder', folder=folder, image_size=8, channels=3,
-                                                   **kwargs))
+                                             **kwargs))
 
   with pytest.raises(datasets.DatasetError, match=r"data.dataset='folder' needs data.folder"):
     load(None)
