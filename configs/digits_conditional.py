@@ -4,6 +4,8 @@ from configs import default
 
 def get_config():
   config = default.get_config()
+  config.diffusion.loss_weighting = 'none'  # Ho et al.'s L_simple (the demo's default is min_snr).
+  config.optim.lr_decay = 'constant'  # Ho et al. (the demo's default is cosine).
   config.model.num_classes = 10
   config.model.label_dropout = 0.1
   config.sampling.guidance_scale = 2.0
