@@ -18,8 +18,9 @@ END = '<!-- END table -->'
 GIB = 2.0**30
 # Figures from other runs, quoted as they are until their benchmark writes a results file too.
 OTHER_ROWS = (
-    '| demo (2,500 steps): classifier FID / confident share, DDIM-100 eta 1, 1,000 samples | 26.1 / 0.61 | CPU '
-    '(AVX2), 2026-11-23, `bench/digits_report.sh` |',
+    '| demo (3,000 steps, min-SNR, cosine rate): classifier FID / confident share, DDIM-100 eta 1, 1,000 samples | '
+    '17.8 / 0.68 (2,500 steps of L_simple at a constant rate: 26.8 / 0.62) | CPU (Intel Xeon, 2 cores), 2026-12-04, '
+    '`python main.py --config=configs/default.py --workdir=runs/digits --mode=eval --config.eval.num_samples=1000` |',
     '| GPU / TPU speed card (CIFAR-10, batch 128, float32 and bfloat16, vs PyTorch) | not measured yet: no session '
     'has been lent an accelerator | `python bench/speed_card.py` ([bench/README.md](bench/README.md#speed-card-on-a-gpu-or-tpu)) |',
 )
