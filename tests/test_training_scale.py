@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -20,7 +19,6 @@ from conftest import REPO
 from configs import default
 from configs.tiny import get_config as tiny_config
 from diffusion_jax import checkpoints, experiment, optim, train, train_state
-from diffusion_jax.checks import ConfigError
 
 SCRIPT = os.path.join(REPO, 'tests', 'run_tiny_training.py')
 
@@ -155,7 +153,11 @@ def test_override_flags_rebuild_the_config():
     path, value = flag[len('--config.'):].split('=', 1)
     *parents, key = path.split('.')
     node = functools.reduce(getattr, parents, rebuilt)
-    setattr(node, key, ast.literal_eval(value))
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):  # A string field, given bare as on main.py's command line.
+      pass
+    setattr(node, key, value)
   assert rebuilt.to_dict() == config.to_dict()
 
 
@@ -200,7 +202,8 @@ def test_event_files_hold_the_scalars_and_images(tmp_path):
   config.training.num_train_steps = 2
   train.train_and_evaluate(config, str(tmp_path))
   events, values = scalars(tmp_path)
-  for tag in ('loss', 'grad_norm', 'param_norm', 'learning_rate', 'ema_decay', 'steps_per_sec'):
+  for tag in ('loss', 'grad_norm', 'param_norm', 'learning_rate', 'ema_decay', 'perf/steps_per_sec',
+              'perf/images_per_sec'):
     assert tag in values, sorted(values)
   assert [step for step, _ in values['loss']] == [1, 2]
   # Warmup: learning rate at step 0 and 1 (metrics report the rate used by that step).
