@@ -25,7 +25,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
                                ('parameterization', config.diffusion.parameterization, diffusion.PARAMETERIZATIONS),
                                ('loss type', config.diffusion.loss, diffusion.LOSS_TYPES),
                                ('loss weighting', config.diffusion.loss_weighting, diffusion.LOSS_WEIGHTINGS),
-                              ('learning-rate decay', config.optim.lr_decay, optim.LR_DECAYS)):
+                               ('learning-rate decay', config.optim.lr_decay, optim.LR_DECAYS)):
     check_choice(kind, value, allowed)
   if not config.diffusion.snr_gamma > 0:
     raise ConfigError(f'diffusion.snr_gamma must be > 0 (min-SNR weighting clips the SNR at it; Hang et al. use 5), '

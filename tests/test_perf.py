@@ -1,6 +1,7 @@
 """Speed figures (diffusion_jax/perf.py), TensorFlow-free training and its TensorBoard files, the profiler trace,
 model.remat, and the speed card (bench/speed_card.py) in its smoke mode."""
 import glob
+import io
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 from tensorboard.backend.event_processing import event_file_loader
 
 from conftest import REPO
@@ -95,8 +97,6 @@ def test_event_writer_writes_scalars_and_png_images_that_tensorboard_reads(tmp_p
   writer.close()
   events = read_events(str(tmp_path))
   assert events['loss'] == [(3, 0.25)] and events['perf/steps_per_sec'] == [(3, 7.0)]
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  import io  # pylint: disable=g-import-not-at-top
   (step, png), = events['ema_samples']
   assert step == 3
   np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), grid[0])
