@@ -29,7 +29,10 @@ OTHER_ROWS = (
 def table(figures: dict) -> str:
   """The markdown table of a vs_pytorch.json: time ratios of every row, peak memory of the train rows."""
   date = datetime.datetime.fromisoformat(figures['date']).date().isoformat()
-  where = f'{figures["rows"][0]["platform"].upper()}, {date}, `{figures["command"]}`'
+  first = figures['rows'][0]
+  # The chip: the device kind on accelerators, the CPU model (the machine line up to its first comma) on CPUs.
+  chip = first['device_kind'] if first['platform'] != 'cpu' else figures['machine'].split(',')[0]
+  where = f'{first["platform"].upper()} ({chip}), {date}, `{figures["command"]}`'
   lines = ['| figure | value | machine, date, command |', '|---|---|---|']
   for r in figures['rows']:
     lines.append(f'| {r["model"]} {r["op"]}, batch {r["batch"]}: JAX / PyTorch time (s) | '

@@ -11,7 +11,8 @@ The PyTorch side needs a side environment (never the project's venv), by default
 For every (model, op, batch) the script starts two fresh worker processes, a JAX one (bench/jax_worker.py,
 in this venv) and a PyTorch one (bench/torch_worker.py under --torch_python), builds the same
 network in both (parameter counts are asserted equal), compiles / warms up, and then alternates timed calls:
-one JAX call, one PyTorch call, --repeats times, so that machine noise hits both sides alike. Each call is
+one JAX call, one PyTorch call, --repeats times, so that machine noise hits both sides alike; each timed call
+follows --lead_calls untimed calls of its own side, back to back as the steps of a training loop. Each call is
 timed inside its worker (no IPC in the figure). It prints per-configuration medians, the ratio, peak
 memory and achieved FLOP/s (and, on a GPU or TPU, MFU against the chip's peak) as a markdown table.
 
@@ -42,6 +43,10 @@ flags.DEFINE_list('batches', ['16', '128'], 'Global batch sizes (train, forward 
 flags.DEFINE_list('ops', ['train', 'forward'], 'Any of train, forward, sample (DDIM, --sample_steps), ddpm (all T).')
 flags.DEFINE_integer('repeats', 3, 'Timed calls per side and configuration (alternating JAX, PyTorch).')
 flags.DEFINE_integer('warmup', 1, 'Untimed calls per side before timing (after JAX compilation).')
+flags.DEFINE_integer('lead_calls', 1, 'Untimed calls of the same side right before each timed call, so that each '
+                     'timed call follows its own side\'s as in a training loop: on a 2-core AMD EPYC, JAX\'s first '
+                     'CIFAR-10 step after a pause of >= 1 s runs 0.5-1.4 s slower than back to back (PyTorch\'s '
+                     'not; docs/performance.md). 0: strict alternation.')
 flags.DEFINE_integer('sample_steps', 50, 'DDIM steps of the sample op.')
 flags.DEFINE_integer('threads', 2, 'torch.set_num_threads of the PyTorch worker.')
 flags.DEFINE_string('torch_python', '/tmp/torchenv/bin/python', 'Python of the side environment with torch, diffusers.')
@@ -120,8 +125,10 @@ def measure(name: str, config, op: str, batch: int, log_dir: str) -> dict:
     pids = [w.proc.pid for w in workers] + [os.getpid()]
     ticks_before, start = cpu_ticks(pids), time.perf_counter()
     for i in range(FLAGS.repeats):
-      times['jax'].append(jax_side.call('run')['seconds'])
-      times['torch'].append(torch_side.call('run')['seconds'])
+      for side, worker in (('jax', jax_side), ('torch', torch_side)):
+        for _ in range(FLAGS.lead_calls):
+          worker.call('run')
+        times[side].append(worker.call('run')['seconds'])
       progress(f'  repeat {i + 1}/{FLAGS.repeats}: JAX {times["jax"][-1]:.3f} s, PyTorch {times["torch"][-1]:.3f} s')
     foreign = foreign_cpu_share(ticks_before, cpu_ticks(pids), time.perf_counter() - start)
     steady_memory = {'jax': jax_side.call('memory'), 'torch': torch_side.call('memory')}
@@ -181,8 +188,9 @@ def report(results: list[dict], command: str, started: str, machine: str) -> str
            f'{", ".join(sorted({str(r["num_devices"]) for r in results}))}; PyTorch {first["torch_hello"]["torch"]} '
            f'on {first["torch_device"]}, torch.set_num_threads({FLAGS.threads}); diffusers '
            f'{first["torch_hello"]["diffusers"]}; compute dtype {FLAGS.dtype}',
-           f'- {FLAGS.warmup} warm-up and {FLAGS.repeats} timed calls per side, alternating JAX then PyTorch; '
-           'medians; fresh worker processes per row']
+           f'- {FLAGS.warmup} warm-up and {FLAGS.repeats} timed calls per side, alternating JAX then PyTorch, '
+           f'each timed call right after {FLAGS.lead_calls} untimed call(s) of its own side; medians; fresh worker '
+           'processes per row']
   for name in dict.fromkeys(r['model'] for r in results):
     row = next(r for r in results if r['model'] == name)
     lines.append(f'- {name}: {row["params"]:,} parameters in both frameworks')
@@ -258,8 +266,9 @@ def main(argv):
     batches = [int(b) for b in FLAGS.batches]
   except ValueError as e:
     raise app.UsageError(f'--batches must be integers, got {FLAGS.batches}.') from e
-  if FLAGS.repeats < 1 or FLAGS.warmup < 0 or FLAGS.sample_steps < 1:
-    raise app.UsageError('--repeats and --sample_steps must be >= 1, --warmup >= 0.')
+  if FLAGS.repeats < 1 or FLAGS.warmup < 0 or FLAGS.lead_calls < 0 or FLAGS.sample_steps < 1:
+    raise app.UsageError(f'--repeats ({FLAGS.repeats}) and --sample_steps ({FLAGS.sample_steps}) must be >= 1, '
+                         f'--warmup ({FLAGS.warmup}) and --lead_calls ({FLAGS.lead_calls}) >= 0.')
   check_torch_python(FLAGS.torch_python)
   configs = {name: harness.load_config(name) for name in FLAGS.models}
   for config in configs.values():

@@ -83,3 +83,5 @@ def test_the_figures_table_is_the_results_file():
     readme = f.read()
   assert update_readme.updated_readme(readme, figures) == readme, 'run python bench/update_readme.py'
   assert f'| {figures["rows"][0]["jax_median"] / figures["rows"][0]["torch_median"]:.2f} (' in readme
+  if figures['rows'][0]['platform'] == 'cpu':
+    assert f'CPU ({figures["machine"].split(",")[0]}), ' in readme, 'each figure names the CPU model it ran on'
