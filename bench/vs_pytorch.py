@@ -45,7 +45,7 @@ flags.DEFINE_integer('repeats', 3, 'Timed calls per side and configuration (alte
 flags.DEFINE_integer('warmup', 1, 'Untimed calls per side before timing (after JAX compilation).')
 flags.DEFINE_integer('lead_calls', 1, 'Untimed calls of the same side right before each timed call, so that each '
                      'timed call follows its own side\'s as in a training loop: on a 2-core AMD EPYC, JAX\'s first '
-                     'CIFAR-10 step after a pause of >= 1 s runs 0.5-1.4 s slower than back to back (PyTorch\'s '
+                     'CIFAR-10 step after a pause of >= 1 s runs 0.4-1.4 s slower than back to back (PyTorch\'s '
                      'not; docs/performance.md). 0: strict alternation.')
 flags.DEFINE_integer('sample_steps', 50, 'DDIM steps of the sample op.')
 flags.DEFINE_integer('threads', 2, 'torch.set_num_threads of the PyTorch worker.')
