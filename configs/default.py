@@ -80,7 +80,7 @@ def get_config():
   config.training.keep_checkpoints = 2
   config.training.ema_decay = 0.999
   config.training.ema_warmup = True  # Decay min(ema_decay, (1 + step) / (10 + step)).
-  # > 0: a profiler trace of this many steps after the run's first (compiling) one, in WORKDIR/plugins/profile
+  # > 0: a profiler trace of this many steps after the run's first (warm-up) one, in WORKDIR/plugins/profile
   # (tensorboard --logdir WORKDIR, Profile tab; needs the tensorboard-plugin-profile package to view).
   config.training.profile_steps = 0
   # Dense peak TFLOP/s of one device for the MFU logged as perf/mfu (0: known GPUs and TPUs, diffusion_jax/perf.py).

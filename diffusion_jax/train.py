@@ -45,7 +45,8 @@ class TrainStep:
 
   One jitted program for the whole batch (num_micro_batches = 1). For k > 1 micro-batches, k calls of one
   jitted micro-step sum the gradients, then one jitted update applies them: a Python loop, as XLA:CPU runs a
-  train step inside `lax.scan` many times slower; each program is the same on every call.
+  train step inside `lax.scan` many times slower; each program is the same on every call. `compile` gives
+  the same step with its programs compiled ahead of time (jax.stages.Compiled in place of the jitted functions).
   """
   num_micro_batches: int
   whole: Callable | None  # (state, batch, rng) -> (state, metrics), when num_micro_batches == 1.
@@ -61,13 +62,24 @@ class TrainStep:
       total = self.micro(total, state.params, state.step, batch, rng, jnp.int32(micro))
     return self.update(state, total)
 
-  def flops(self, state: TrainState, batch: dict, rng: jax.Array, num_devices: int) -> float:
-    """FLOPs of one call over all devices, by XLA's cost analysis of the lowered programs (nothing is compiled)."""
+  def compile(self, state: TrainState, batch: dict, rng: jax.Array) -> TrainStep:
+    """This step with its programs compiled for arguments of the shapes, dtypes and shardings of these (arrays or
+    jax.ShapeDtypeStructs, e.g. exp.abstract_state and `batch_spec(exp)`): compiled before the train state is
+    allocated, the compiler's peak memory and the state's do not add up."""
     if self.whole is not None:
-      return perf.cost_flops(self.whole.lower(state, batch, rng)) * num_devices
-    total = self.zeros(state.params)
-    micro = perf.cost_flops(self.micro.lower(total, state.params, state.step, batch, rng, jnp.int32(0)))
-    return (micro * self.num_micro_batches + perf.cost_flops(self.update.lower(state, total))) * num_devices
+      return dataclasses.replace(self, whole=self.whole.lower(state, batch, rng).compile())
+    zeros = self.zeros.lower(state.params).compile()
+    total = zeros.out_info
+    micro = self.micro.lower(total, state.params, state.step, batch, rng, jnp.int32(0)).compile()
+    return dataclasses.replace(self, micro=micro, update=self.update.lower(state, total).compile(), zeros=zeros)
+
+  def flops(self, num_devices: int) -> float:
+    """FLOPs of one call over all devices, by XLA's cost analysis of the programs of a compiled step."""
+    if not isinstance(self.whole or self.micro, jax.stages.Compiled):
+      raise TypeError('TrainStep.flops needs a compiled step: call it on train_step.compile(...).')
+    if self.whole is not None:
+      return perf.cost_flops(self.whole) * num_devices
+    return (perf.cost_flops(self.micro) * self.num_micro_batches + perf.cost_flops(self.update)) * num_devices
 
 
 def make_train_step(exp: experiment.Experiment) -> TrainStep:
@@ -146,6 +158,15 @@ def shard_batch(local_batch: dict, mesh: Mesh, accum_steps: int = 1) -> dict:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
+def batch_spec(exp: experiment.Experiment) -> dict:
+  """The global batch that `shard_batch` makes for exp's training batches, as jax.ShapeDtypeStructs."""
+  b, k = exp.config.training.batch_size, exp.grad_accum_steps
+  lead, spec = ((b,), P('batch')) if k == 1 else ((k, b // k), P(None, 'batch'))
+  sharding = NamedSharding(exp.mesh, spec)
+  return {'image': jax.ShapeDtypeStruct((*lead, *exp.image_shape), jnp.float32, sharding=sharding),
+          **{name: jax.ShapeDtypeStruct(lead, jnp.int32, sharding=sharding) for name in ('label', 'index')}}
+
+
 class StopSignal:
   """Preemption and interruption: the training loop asks `requested(step)` after every step.
 
@@ -188,18 +209,16 @@ def write_sample_grid(writer, sample_fn, params, config, workdir: str, step: int
     writer.write_images(step, {'ema_samples': grid[None]})
 
 
-def make_meter(exp: experiment.Experiment, train_step: TrainStep, state: TrainState, batch: dict,
-               rng: jax.Array) -> perf.Meter:
-  """The speed meter of the run: its FLOPs per step and the peak of all its devices (training.peak_tflops > 0
-  sets one device's; else the table of perf.PEAK_TFLOPS, none on CPUs)."""
+def make_meter(exp: experiment.Experiment, train_step: TrainStep) -> perf.Meter:
+  """The speed meter of the run: the FLOPs per step of the compiled train_step and the peak of all its devices
+  (training.peak_tflops > 0 sets one device's; else the table of perf.PEAK_TFLOPS, none on CPUs)."""
   device = exp.mesh.devices.flat[0]
   peak = perf.peak_flops(device.device_kind, exp.config.model.dtype, exp.config.training.peak_tflops)
-  flops = train_step.flops(state, batch, rng, exp.mesh.size)
-  return perf.Meter(exp.config.training.batch_size, flops, peak and peak * exp.mesh.size)
+  return perf.Meter(exp.config.training.batch_size, train_step.flops(exp.mesh.size), peak and peak * exp.mesh.size)
 
 
 class Profile:
-  """A profiler trace of the run's steps (start, start + num_steps] (the first step compiles) in workdir:
+  """A profiler trace of the run's steps (start, start + num_steps] (the first, warming up, is left out) in workdir:
   jax.profiler's TensorBoard format (workdir/plugins/profile/RUN/*.xplane.pb), for TensorBoard's Profile tab."""
 
   def __init__(self, workdir: str, start_step: int, num_steps: int):
@@ -258,6 +277,8 @@ def train(exp: experiment.Experiment, data: datasets.Data, workdir: str) -> Trai
   checkpoints.write_workdir_config(config, workdir)
 
   manager = checkpoints.manager(workdir, config.training.keep_checkpoints)
+  train_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  train_step = make_train_step(exp).compile(exp.abstract_state, batch_spec(exp), train_rng)  # Before the state.
   if manager.latest_step() is not None:
     state = checkpoints.restore_train_state(manager, exp.abstract_state)
     logging.info('Resumed from the checkpoint at step %d.', int(state.step))
@@ -270,25 +291,21 @@ def train(exp: experiment.Experiment, data: datasets.Data, workdir: str) -> Trai
     parameter_overview.log_parameter_overview(state.params)
     writer.write_hparams(flatten(config.to_dict()))
 
-  train_step = make_train_step(exp)
   sample_fn = exp.sample_fn()
   batches = input_pipeline.create_iterator(data, config.training.batch_size, config.seed, start_step,
                                            config.data.random_flip, jax.process_index(), jax.process_count())
-  train_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   num_steps = config.training.num_train_steps
   stop = StopSignal()
   logging.info('Training from step %d to %d on %d device(s); each step in %d micro-batch(es) of %d per device.',
                start_step, num_steps, exp.mesh.size, exp.grad_accum_steps,
                config.training.batch_size // exp.mesh.size // exp.grad_accum_steps)
   profile = Profile(workdir, start_step, config.training.profile_steps)
-  meter = None
+  meter = make_meter(exp, train_step)
 
   step = start_step
   try:
     while step < num_steps:
       batch = shard_batch(next(batches), exp.mesh, exp.grad_accum_steps)
-      if meter is None:
-        meter = make_meter(exp, train_step, state, batch, train_rng)
       profile.before(step)
       state, metrics = train_step(state, batch, train_rng)
       step += 1

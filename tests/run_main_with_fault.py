@@ -25,17 +25,12 @@ def inject(fault: str) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from diffusion_jax import checkpoints, train  # pylint: disable=g-import-not-at-top
   if fault.startswith('nan_at_'):
-    first, make = int(fault[len('nan_at_'):]), train.make_train_step
+    first, real = int(fault[len('nan_at_'):]), train.TrainStep.__call__
 
-    def poisoned(exp):
-      step_fn = make(exp)
-
-      def step(state, batch, rng):
-        state, metrics = step_fn(state, batch, rng)
-        return state, dict(metrics, loss=jnp.where(state.step >= first, jnp.nan, metrics['loss']))
-      step.flops = step_fn.flops  # For the speed meter.
-      return step
-    train.make_train_step = poisoned
+    def poisoned(self, state, batch, rng):
+      state, metrics = real(self, state, batch, rng)
+      return state, dict(metrics, loss=jnp.where(state.step >= first, jnp.nan, metrics['loss']))
+    train.TrainStep.__call__ = poisoned
   elif fault == 'slow_npz':
     savez = np.savez_compressed
 

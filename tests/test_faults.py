@@ -391,17 +391,12 @@ def test_a_second_writer_is_one_line(lock_holder):
 
 
 def test_nan_loss_stops_in_process_with_the_checkpoint_kept(tmp_path, monkeypatch):
-  real = train.make_train_step
+  real = train.TrainStep.__call__
 
-  def poisoned(exp):
-    step_fn = real(exp)
-
-    def step(state, batch, rng):
-      state, metrics = step_fn(state, batch, rng)
-      return state, dict(metrics, loss=np.nan if int(state.step) >= 3 else metrics['loss'])
-    step.flops = step_fn.flops  # For the speed meter.
-    return step
-  monkeypatch.setattr(train, 'make_train_step', poisoned)
+  def poisoned(self, state, batch, rng):
+    state, metrics = real(self, state, batch, rng)
+    return state, dict(metrics, loss=np.nan if int(state.step) >= 3 else metrics['loss'])
+  monkeypatch.setattr(train.TrainStep, '__call__', poisoned)
   with pytest.raises(NonFiniteLossError, match=r'The loss is nan at step 3.*last good checkpoint is at step 2'):
     train.train_and_evaluate(config_of(6, checkpoint_every=2), str(tmp_path))
   assert checkpoints.manager(str(tmp_path)).all_steps() == [2]

@@ -324,3 +324,24 @@ def test_train_step_loss_has_the_min_snr_weights(parameterization):
   assert np.ptp(weights) > 0.1  # The draws span weights that matter.
   _, metrics = train.make_train_step(exp)(state, train.shard_batch({'image': images}, exp.mesh), step_rng)
   np.testing.assert_allclose(float(metrics['loss']), np.mean(weights * mse), rtol=1e-5)
+
+
+@pytest.mark.parametrize('accum', [1, 2])
+def test_the_step_compiled_ahead_from_the_abstract_state_equals_the_jitted_step(accum):
+  """train_and_evaluate compiles the step from exp.abstract_state and batch_spec before the state exists: the
+  compiled programs give bit for bit the jitted step's state and metrics, and only compiled steps count FLOPs."""
+  config = tiny_config()
+  config.training.grad_accum_steps = accum
+  exp = experiment.build(config)
+  step_fn = train.make_train_step(exp)
+  compiled = step_fn.compile(exp.abstract_state, train.batch_spec(exp), jax.random.key(3))
+  images = np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32)
+  batch = train.shard_batch({'image': images, 'label': np.zeros((8,), np.int32)}, exp.mesh, accum)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), batch) == jax.tree.map(lambda x: (x.shape, x.dtype),
+                                                                           train.batch_spec(exp))
+  outputs = [fn(exp.init_state(jax.random.key(0)), batch, jax.random.key(3)) for fn in (step_fn, compiled)]
+  assert int(outputs[1][0].step) == 1
+  jax.tree.map(np.testing.assert_array_equal, *jax.device_get(outputs))
+  assert compiled.flops(exp.mesh.size) > 1e6
+  with pytest.raises(TypeError, match='needs a compiled step'):
+    step_fn.flops(exp.mesh.size)
