@@ -6,6 +6,7 @@ def get_config():
   config = default.get_config()
   config.diffusion.loss_weighting = 'none'  # Ho et al.'s L_simple (the demo's default is min_snr).
   config.optim.lr_decay = 'constant'  # Ho et al. (the demo's default is cosine).
+  config.num_cpu_devices = 1  # On CPUs one threaded device: as fast as one per core, one copy of the state.
   config.data.dataset = 'mnist'
   config.model.ch = 64
   config.model.ch_mult = (1, 2, 2, 2)

@@ -63,10 +63,11 @@ def test_unknown_cpu_scheduler_is_refused_before_any_flag_is_set(monkeypatch):
   assert os.environ['XLA_FLAGS'] == ''
 
 
-@pytest.mark.parametrize('num_cpu_devices, batch_sizes, expected', [(1, (8, 4), 1), (-1, (8, 4), 2), (-1, (6, 3), 1),
-                                                                   (3, (9, 9), 3)])
+@pytest.mark.parametrize('num_cpu_devices, batch_sizes, expected', [(1, (16, 4), 1), (-1, (16, 4), 2), (-1, (16, 64), 2),
+                                                                   (-1, (18, 9), 1), (-1, (8, 4), 1), (3, (9, 9), 3)])
 def test_the_cpu_is_split_into_devices(num_cpu_devices, batch_sizes, expected):
-  """num_cpu_devices devices, or for -1 the most (on 2 cores: up to 2) that divide both batch sizes."""
+  """num_cpu_devices devices, or for -1 the most (on 2 cores: up to 2) that divide both batch sizes and leave at
+  least xla_cpu.MIN_EXAMPLES_PER_DEVICE (8) training examples per device."""
   if num_cpu_devices == -1 and len(os.sched_getaffinity(0)) != 2:
     pytest.skip('the expected counts are those of 2 cores')
   code = ('import sys; from configs import default; from diffusion_jax import xla_cpu; c = default.get_config(); '
