@@ -150,19 +150,22 @@ def shard_batch(local_batch: dict, mesh: Mesh, accum_steps: int = 1) -> dict:
   """
   b = len(local_batch['image'])
   local_batch = dict(local_batch, index=jax.process_index() * b + np.arange(b, dtype=np.int32))
+  lead, sharding = batch_layout(mesh, b, accum_steps)
+  return {k: jax.make_array_from_process_local_data(sharding, v.reshape(*lead, *v.shape[1:]))
+          for k, v in local_batch.items()}
+
+
+def batch_layout(mesh: Mesh, batch_size: int, accum_steps: int) -> tuple[tuple[int, ...], NamedSharding]:
+  """The leading dims of a train step's batch arrays, (B,) or (k, B/k) for k > 1 micro-batches, and their
+  sharding over the `batch` axis (axis 0, or axis 1 for micro-batches)."""
   if accum_steps == 1:
-    sharding = NamedSharding(mesh, P('batch'))
-  else:
-    sharding = NamedSharding(mesh, P(None, 'batch'))
-    local_batch = {k: v.reshape(accum_steps, b // accum_steps, *v.shape[1:]) for k, v in local_batch.items()}
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+    return (batch_size,), NamedSharding(mesh, P('batch'))
+  return (accum_steps, batch_size // accum_steps), NamedSharding(mesh, P(None, 'batch'))
 
 
 def batch_spec(exp: experiment.Experiment) -> dict:
   """The global batch that `shard_batch` makes for exp's training batches, as jax.ShapeDtypeStructs."""
-  b, k = exp.config.training.batch_size, exp.grad_accum_steps
-  lead, spec = ((b,), P('batch')) if k == 1 else ((k, b // k), P(None, 'batch'))
-  sharding = NamedSharding(exp.mesh, spec)
+  lead, sharding = batch_layout(exp.mesh, exp.config.training.batch_size, exp.grad_accum_steps)
   return {'image': jax.ShapeDtypeStruct((*lead, *exp.image_shape), jnp.float32, sharding=sharding),
           **{name: jax.ShapeDtypeStruct(lead, jnp.int32, sharding=sharding) for name in ('label', 'index')}}
 
