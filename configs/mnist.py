@@ -14,6 +14,7 @@ def get_config():
   config.model.attn_resolutions = (8,)
   config.model.num_groups = 32
   config.model.dropout = 0.1
+  config.model.num_classes = 0  # Unconditional (the demo is class-conditional).
   config.optim.learning_rate = 2e-4
   config.optim.warmup_steps = 1000
   config.training.batch_size = 128

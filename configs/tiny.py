@@ -15,6 +15,7 @@ def get_config():
   config.model.ch_mult = (1, 2)
   config.model.attn_resolutions = (4,)
   config.model.num_groups = 4
+  config.model.num_classes = 0  # Unconditional (the demo is class-conditional).
   config.diffusion.num_timesteps = 20
   config.training.batch_size = 8
   config.training.num_train_steps = 3

@@ -189,6 +189,9 @@ def test_import_diffusers_checkpoint_into_a_workdir_and_sample(tmp_path):
   config.data.image_size, config.data.channels = 24, 1
   config.model.update(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, attn_resolutions=(24, 12), num_groups=32)
   config.sampling.update(num_steps=2, num_samples=2, batch_size=2)
+  with pytest.raises(ValueError, match=r"does not describe the model.*'model.num_classes': \(10, 0\)"):
+    import_diffusers.import_to_workdir(config, str(model_dir), str(tmp_path / 'conditional'))  # The demo's labels.
+  config.model.num_classes = 0
   state = import_diffusers.import_to_workdir(config, str(model_dir), str(tmp_path / 'run'))
   model = unet_from_config(config.model)
   out = model.apply({'params': state.ema_params}, io['x'], io['t'])

@@ -87,7 +87,8 @@ def model_config_from_diffusers(config: dict) -> tuple[ml_collections.ConfigDict
   model = ml_collections.ConfigDict(dict(
       ch=ch, ch_mult=tuple(w // ch for w in widths), num_res_blocks=config['layers_per_block'],
       attn_resolutions=tuple(size // 2**level for level, kind in enumerate(down) if kind.startswith('Attn')),
-      dropout=float(config['dropout']), resamp_with_conv=True, num_groups=config['norm_num_groups']))
+      dropout=float(config['dropout']), resamp_with_conv=True, num_groups=config['norm_num_groups'],
+      num_classes=0))  # Class embeddings are refused above.
   return model, ml_collections.ConfigDict(dict(image_size=size, channels=config['in_channels']))
 
 
