@@ -1,5 +1,5 @@
 """Speed figures (diffusion_jax/perf.py), TensorFlow-free training and its TensorBoard files, the profiler trace,
-model.remat, and the speed card (bench/speed_card.py) in its smoke mode."""
+model.remat, the speed card (bench/speed_card.py) in its smoke mode, and what bench/conv_kernels.py measures."""
 import glob
 import io
 import json
@@ -155,3 +155,37 @@ def test_speed_card_smoke_mode_writes_the_card(tmp_path):
   assert f'| JAX | train | float32 | 8 | {1 / rows["train"]["seconds"]:.1f} | {8 / rows["train"]["seconds"]:.0f} |' in table
   assert 'PyTorch rows: none (--torch_python=none)' in table
   assert table in result.stdout
+
+
+def _conv_kernels():
+  sys.path.insert(0, os.path.join(REPO, 'bench'))
+  import conv_kernels  # pylint: disable=g-import-not-at-top  # bench/conv_kernels.py.
+  return conv_kernels
+
+
+@pytest.mark.parametrize('name', ['cifar10', 'default'])
+def test_conv_kernels_finds_every_convolution_of_the_unet(name):
+  """bench/conv_kernels.py measures what the network runs: its 3x3 convolutions counted from the architecture
+  (conv_in, two per residual block, one per resampling, conv_out), the images' convolution marked first."""
+  conv_kernels = _conv_kernels()
+  config = conv_kernels.harness.load_config(name)
+  config.training.batch_size = 4
+  m = config.model
+  levels, blocks = len(m.ch_mult), m.num_res_blocks
+  residual_blocks = levels * blocks + 2 + levels * (blocks + 1)  # Down, middle, up (one more per level).
+  expected = 1 + 2 * residual_blocks + 2 * (levels - 1) + 1
+  convs = conv_kernels.model_convolutions(config)
+  assert sum(c['count'] for c in convs) == expected
+  size, channels = config.data.image_size, config.data.channels
+  padded = -(-size // 2**(levels - 1)) * 2**(levels - 1)
+  assert [c['lhs'] for c in convs if c['first']] == [[4, padded, padded, channels]]
+  assert convs[0]['rhs'] == [3, 3, channels, m.ch] and convs[-1]['rhs'] == [3, 3, m.ch, channels]
+  assert sorted({c['strides'][0] for c in convs}) == [1, 2]
+  assert sum(c['count'] for c in convs if c['strides'] == [2, 2]) == levels - 1
+
+
+def test_conv_kernels_totals_skip_the_images_input_gradient():
+  conv_kernels = _conv_kernels()
+  convs = [{'count': 1, 'first': True, 'jax': {'fwd': 1.0, 'dx': 2.0, 'dw': 4.0}},
+           {'count': 3, 'first': False, 'jax': {'fwd': 10.0, 'dx': 20.0, 'dw': 40.0}}]
+  assert conv_kernels.totals(convs, 'jax') == {'train': 1 + 4 + 3 * 70, 'forward': 1 + 30}
