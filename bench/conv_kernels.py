@@ -23,36 +23,42 @@ PASSES = ('fwd', 'dx', 'dw')  # Forward, input gradient, kernel gradient.
 
 def torch_convolution(r: dict) -> dict:
   """The PyTorch worker's `conv` request: {"lhs": NHWC shape, "rhs": HWIO shape, "strides", "padding": [[lo, hi],
-  [lo, hi]], "calls", "threads"} -> {pass: median seconds of `calls` timed calls after one untimed}."""
+  [lo, hi]], "calls", "threads", "device": auto | cpu | cuda} -> {pass: median seconds of `calls` timed calls
+  after one untimed, the device's work done; "device"}."""
   import statistics  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(r['threads'])
+  device = torch.device(r['device'] if r['device'] != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu')
+  torch.backends.cudnn.benchmark = True  # Picks the fastest algorithm per shape, as XLA autotunes on GPUs.
+  wait = torch.cuda.synchronize if device.type == 'cuda' else lambda: None
   n, h, w, c = r['lhs']
   kh, kw, _, out = r['rhs']
   (top, bottom), (left, right) = r['padding']
   generator = torch.Generator().manual_seed(0)
-  x = torch.randn(n, c, h, w, generator=generator)
-  kernel = torch.randn(out, c, kh, kw, generator=generator) / (kh * kw * c) ** 0.5
+  x = torch.randn(n, c, h, w, generator=generator).to(device)
+  kernel = (torch.randn(out, c, kh, kw, generator=generator) / (kh * kw * c) ** 0.5).to(device)
   symmetric = top == bottom and left == right
   if not symmetric:  # conv2d pads symmetrically: pad first (part of the timed call), then no padding.
     x = F.pad(x, (left, right, top, bottom))
   padding = [top, left] if symmetric else [0, 0]
   with torch.no_grad():
     y = F.conv2d(x, kernel, stride=r['strides'], padding=padding)
-  dy = torch.randn(y.shape, generator=generator)
+  dy = torch.randn(y.shape, generator=generator).to(device)
   backward = lambda mask: torch.ops.aten.convolution_backward(dy, x, kernel, None, r['strides'], padding, [1, 1],
                                                               False, [0, 0], 1, mask)
   calls = {'fwd': lambda: F.conv2d(x, kernel, stride=r['strides'], padding=padding),
            'dx': lambda: backward([True, False, False]), 'dw': lambda: backward([False, True, False])}
-  answer = {}
+  answer = {'device': str(device)}
   with torch.no_grad():
     for name in PASSES:
       calls[name]()
+      wait()
       times = []
       for _ in range(r['calls']):
         start = time.perf_counter()
         calls[name]()
+        wait()
         times.append(time.perf_counter() - start)
       answer[name] = statistics.median(times)
   return answer
@@ -94,6 +100,7 @@ flags.DEFINE_integer('rounds', 3, 'Alternations of JAX and PyTorch per convoluti
 flags.DEFINE_integer('threads', 2, 'torch.set_num_threads of the PyTorch worker.')
 flags.DEFINE_string('torch_python', '/tmp/torchenv/bin/python',
                     "Python of the side environment with torch ('none': the JAX columns only).")
+flags.DEFINE_enum('torch_device', 'auto', ['auto', 'cpu', 'cuda'], 'auto: cuda if PyTorch has it, else cpu.')
 flags.DEFINE_string('out_dir', results_lib.DEFAULT_DIR, "Folder for conv_kernels.md and .json ('' for none).")
 
 
@@ -216,7 +223,7 @@ def main(argv):
       worker = Worker('pytorch', [FLAGS.torch_python, os.path.abspath(__file__), '--torch_worker'], env,
                       tempfile.mkdtemp(prefix='conv_kernels_'))
     jax.config.update('jax_default_device', jax.local_devices()[0])  # One device, as a train step's shard.
-    sections, figures = [], {}
+    sections, figures, torch_device = [], {}, None
     for name, config in configs.items():
       convs = model_convolutions(config)
       progress(f'{name}: {len(convs)} distinct convolutions, {sum(c["count"] for c in convs)} in the network')
@@ -228,9 +235,10 @@ def main(argv):
           if worker:
             request = {k: conv[k] for k in ('lhs', 'rhs', 'strides', 'padding')}
             runs['torch', i].append(worker.call('conv', timeout=600, calls=FLAGS.calls, threads=FLAGS.threads,
-                                                **request))
+                                                device=FLAGS.torch_device, **request))
       for (side, i), answers in runs.items():
         convs[i][side] = {p: statistics.median(a[p] for a in answers) for p in PASSES}
+        torch_device = answers[0].get('device', torch_device)
       sections.append(table(name, convs, with_torch))
       figures[name] = {'convolutions': convs, 'jax': totals(convs, 'jax')}
       if with_torch:
@@ -247,7 +255,8 @@ def main(argv):
       f'- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}',
       f'- machine: {harness.machine_description()}',
       f'- JAX {jax.__version__} on {device.platform} ({device.device_kind}), XLA_FLAGS: '
-      f'`{os.environ.get("XLA_FLAGS", "")}`' + (f'; PyTorch {worker.hello["torch"]}, {FLAGS.threads} threads, NCHW'
+      f'`{os.environ.get("XLA_FLAGS", "")}`' + (f'; PyTorch {worker.hello["torch"]} on {torch_device}, '
+                                                f'{FLAGS.threads} threads, NCHW'
                                                 if worker else '; PyTorch: not run (--torch_python=none)'),
       f'- batch {FLAGS.batch}, float32, no bias; per pass the median of {FLAGS.calls} calls back to back, then '
       f'the median of {FLAGS.rounds} rounds alternating JAX and PyTorch per convolution', '']
@@ -255,7 +264,8 @@ def main(argv):
   print(text)
   results_lib.write(FLAGS.out_dir, 'conv_kernels', text, {
       'machine': harness.machine_description(), 'jax': jax.__version__, 'device_kind': device.device_kind,
-      'xla_flags': os.environ.get('XLA_FLAGS', ''), 'batch': FLAGS.batch, 'models': figures})
+      'xla_flags': os.environ.get('XLA_FLAGS', ''), 'torch_device': torch_device, 'batch': FLAGS.batch,
+      'models': figures})
 
 
 if __name__ == '__main__':

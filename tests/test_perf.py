@@ -4,6 +4,7 @@ import glob
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -189,3 +190,24 @@ def test_conv_kernels_totals_skip_the_images_input_gradient():
   convs = [{'count': 1, 'first': True, 'jax': {'fwd': 1.0, 'dx': 2.0, 'dw': 4.0}},
            {'count': 3, 'first': False, 'jax': {'fwd': 10.0, 'dx': 20.0, 'dw': 40.0}}]
   assert conv_kernels.totals(convs, 'jax') == {'train': 1 + 4 + 3 * 70, 'forward': 1 + 30}
+
+
+def test_conv_kernels_jax_columns_alone_write_the_table_and_totals(tmp_path):
+  """--torch_python=none: one row per distinct convolution and totals that add them up as a step runs them."""
+  result = subprocess.run([sys.executable, 'bench/conv_kernels.py', '--models=default', '--batch=4', '--calls=1',
+                           '--rounds=1', '--torch_python=none', f'--out_dir={tmp_path}'], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / 'conv_kernels.json') as f:
+    figures = json.load(f)['models']['default']
+  convs = figures['convolutions']
+  assert figures['jax'] == _conv_kernels().totals(convs, 'jax') and 'torch' not in figures
+  table = (tmp_path / 'conv_kernels.md').read_text()
+  assert len(re.findall(r'^\| \d+x\d+x\d+ \| 3x3 -> \d+ \|', table, re.MULTILINE)) == len(convs)
+  assert f'all convolutions of a train step: JAX {figures["jax"]["train"]:.3f} s' in table
+
+
+def test_conv_kernels_refuses_bad_counts_before_any_work():
+  result = subprocess.run([sys.executable, 'bench/conv_kernels.py', '--calls=0', '--torch_python=none'], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0 and '--calls must be >= 1, got 0.' in result.stderr
