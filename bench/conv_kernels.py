@@ -23,34 +23,47 @@ PASSES = ('fwd', 'dx', 'dw')  # Forward, input gradient, kernel gradient.
 
 def torch_convolution(r: dict) -> dict:
   """The PyTorch worker's `conv` request: {"lhs": NHWC shape, "rhs": HWIO shape, "strides", "padding": [[lo, hi],
-  [lo, hi]], "calls", "threads", "device": auto | cpu | cuda} -> {pass: median seconds of `calls` timed calls
-  after one untimed, the device's work done; "device"}."""
+  [lo, hi]], "calls", "threads", "device": cpu | cuda} -> {pass: median seconds of `calls` timed calls after one
+  untimed, the device's work done}. With "inputs": {"x" (NHWC), "kernel" (HWIO), "dy" (NHWC output gradient)}
+  as nested lists it computes on those instead and answers {"values": {pass: result, NHWC / HWIO lists}}."""
   import statistics  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(r['threads'])
-  device = torch.device(r['device'] if r['device'] != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu')
   torch.backends.cudnn.benchmark = True  # Picks the fastest algorithm per shape, as XLA autotunes on GPUs.
+  device = torch.device(r['device'])
   wait = torch.cuda.synchronize if device.type == 'cuda' else lambda: None
   n, h, w, c = r['lhs']
   kh, kw, _, out = r['rhs']
   (top, bottom), (left, right) = r['padding']
-  generator = torch.Generator().manual_seed(0)
-  x = torch.randn(n, c, h, w, generator=generator).to(device)
-  kernel = (torch.randn(out, c, kh, kw, generator=generator) / (kh * kw * c) ** 0.5).to(device)
+  if 'inputs' in r:
+    x = torch.tensor(r['inputs']['x']).permute(0, 3, 1, 2)
+    kernel = torch.tensor(r['inputs']['kernel']).permute(3, 2, 0, 1)
+  else:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, h, w, generator=generator)
+    kernel = torch.randn(out, c, kh, kw, generator=generator) / (kh * kw * c) ** 0.5
+  x, kernel = x.to(device).contiguous(), kernel.to(device).contiguous()
   symmetric = top == bottom and left == right
-  if not symmetric:  # conv2d pads symmetrically: pad first (part of the timed call), then no padding.
+  if not symmetric:  # conv2d pads symmetrically: the input is padded once, untimed, and then not padded.
     x = F.pad(x, (left, right, top, bottom))
   padding = [top, left] if symmetric else [0, 0]
   with torch.no_grad():
     y = F.conv2d(x, kernel, stride=r['strides'], padding=padding)
-  dy = torch.randn(y.shape, generator=generator).to(device)
+  if 'inputs' in r:
+    dy = torch.tensor(r['inputs']['dy']).permute(0, 3, 1, 2).to(device).contiguous()
+  else:
+    dy = torch.randn(y.shape, generator=generator).to(device)
   backward = lambda mask: torch.ops.aten.convolution_backward(dy, x, kernel, None, r['strides'], padding, [1, 1],
                                                               False, [0, 0], 1, mask)
   calls = {'fwd': lambda: F.conv2d(x, kernel, stride=r['strides'], padding=padding),
-           'dx': lambda: backward([True, False, False]), 'dw': lambda: backward([False, True, False])}
-  answer = {'device': str(device)}
+           'dx': lambda: backward([True, False, False])[0], 'dw': lambda: backward([False, True, False])[1]}
   with torch.no_grad():
+    if 'inputs' in r:
+      dx = calls['dx']() if symmetric else calls['dx']()[:, :, top:top + h, left:left + w]  # The unpadded input's.
+      return {'values': {'fwd': calls['fwd']().permute(0, 2, 3, 1).tolist(), 'dx': dx.permute(0, 2, 3, 1).tolist(),
+                         'dw': calls['dw']().permute(2, 3, 1, 0).tolist()}}
+    answer = {}
     for name in PASSES:
       calls[name]()
       wait()
@@ -65,10 +78,11 @@ def torch_convolution(r: dict) -> dict:
 
 
 def torch_worker_main() -> None:
+  """Serves `conv` requests on stdin/stdout (bench/torch_worker.py's protocol); says whether it has CUDA."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import torch  # pylint: disable=g-import-not-at-top
   import torch_worker  # pylint: disable=g-import-not-at-top  # bench/torch_worker.py: the protocol.
-  torch_worker.serve({'conv': torch_convolution}, {'torch': torch.__version__})
+  torch_worker.serve({'conv': torch_convolution}, {'torch': torch.__version__, 'cuda': torch.cuda.is_available()})
 
 
 if __name__ == '__main__' and sys.argv[1:] == ['--torch_worker']:  # Under the side environment's Python.
@@ -100,7 +114,7 @@ flags.DEFINE_integer('rounds', 3, 'Alternations of JAX and PyTorch per convoluti
 flags.DEFINE_integer('threads', 2, 'torch.set_num_threads of the PyTorch worker.')
 flags.DEFINE_string('torch_python', '/tmp/torchenv/bin/python',
                     "Python of the side environment with torch ('none': the JAX columns only).")
-flags.DEFINE_enum('torch_device', 'auto', ['auto', 'cpu', 'cuda'], 'auto: cuda if PyTorch has it, else cpu.')
+flags.DEFINE_enum('torch_device', 'auto', ['auto', 'cpu', 'cuda'], "auto: cuda where JAX runs on a GPU, else cpu.")
 flags.DEFINE_string('out_dir', results_lib.DEFAULT_DIR, "Folder for conv_kernels.md and .json ('' for none).")
 
 
@@ -123,6 +137,8 @@ def model_convolutions(config) -> list[dict]:
 
   def visit(jaxpr):
     for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ('scan', 'while', 'cond'):  # Their bodies run a number of times not counted here.
+        raise ValueError(f'The U-Net\'s forward has a {eqn.primitive.name}: its convolutions cannot be counted.')
       if eqn.primitive.name == 'conv_general_dilated':
         p = eqn.params
         if (p['dimension_numbers'].lhs_spec, p['dimension_numbers'].rhs_spec) != ((0, 3, 1, 2), (3, 2, 0, 1)) or \
@@ -135,35 +151,40 @@ def model_convolutions(config) -> list[dict]:
         entry['count'] += 1
       for value in eqn.params.values():
         for sub in value if isinstance(value, (tuple, list)) else (value,):
-          if hasattr(sub, 'eqns'):
+          if hasattr(sub, 'eqns'):  # A Jaxpr or ClosedJaxpr: pjit, custom_jvp_call, ...
             visit(sub)
-          elif hasattr(sub, 'jaxpr') and hasattr(sub.jaxpr, 'eqns'):
-            visit(sub.jaxpr)
 
   visit(jaxpr.jaxpr)
   return list(found.values())
 
 
-def jax_convolution(conv: dict, calls: int) -> dict:
-  """JAX's side of `torch_convolution`: {pass: median seconds}, each pass its own compiled program."""
+def jax_passes(conv: dict) -> dict:
+  """{pass: jitted fn(x NHWC, kernel HWIO, dy NHWC output gradient)}: the forward (dy unused), the input
+  gradient and the kernel gradient of `conv`, each its own program."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax import lax  # pylint: disable=g-import-not-at-top
+  forward = lambda x, kernel: lax.conv_general_dilated(x, kernel, conv['strides'], conv['padding'],
+                                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return {'fwd': jax.jit(lambda x, kernel, dy: forward(x, kernel)),
+          'dx': jax.jit(lambda x, kernel, dy: jax.vjp(lambda x: forward(x, kernel), x)[1](dy)[0]),
+          'dw': jax.jit(lambda x, kernel, dy: jax.vjp(lambda k: forward(x, k), kernel)[1](dy)[0])}
+
+
+def jax_convolution(conv: dict, calls: int) -> dict:
+  """JAX's side of `torch_convolution`: {pass: median seconds of `calls` timed calls after one untimed}."""
+  import jax  # pylint: disable=g-import-not-at-top
   keys = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(keys[0], conv['lhs'])
   kernel = jax.random.normal(keys[1], conv['rhs']) / (conv['rhs'][0] * conv['rhs'][1] * conv['rhs'][2]) ** 0.5
-  forward = lambda x, kernel: lax.conv_general_dilated(x, kernel, conv['strides'], conv['padding'],
-                                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  dy = jax.random.normal(keys[2], jax.eval_shape(forward, x, kernel).shape)
-  programs = {'fwd': (jax.jit(forward), (x, kernel)),
-              'dx': (jax.jit(lambda x, kernel, dy: jax.vjp(lambda x: forward(x, kernel), x)[1](dy)[0]), (x, kernel, dy)),
-              'dw': (jax.jit(lambda x, kernel, dy: jax.vjp(lambda k: forward(x, k), kernel)[1](dy)[0]), (x, kernel, dy))}
+  passes = jax_passes(conv)
+  dy = jax.random.normal(keys[2], jax.eval_shape(passes['fwd'], x, kernel, None).shape)
   answer = {}
-  for name, (fn, args) in programs.items():
-    jax.block_until_ready(fn(*args))
+  for name, fn in passes.items():
+    jax.block_until_ready(fn(x, kernel, dy))
     times = []
     for _ in range(calls):
       start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
+      jax.block_until_ready(fn(x, kernel, dy))
       times.append(time.perf_counter() - start)
     answer[name] = statistics.median(times)
   return answer
@@ -176,7 +197,8 @@ def totals(convs: list[dict], side: str) -> dict:
 
 
 def table(name: str, convs: list[dict], with_torch: bool) -> str:
-  ratio = lambda a, b: f'{a / b:.2f}' if with_torch else ''
+  """The markdown section of one model: a row per distinct convolution, then the totals."""
+  ratio = lambda a, b: f'{a / b:.2f}'
   ms = lambda c, side: ' / '.join(f'{1e3 * c[side][p]:.2f}' for p in PASSES) if side in c else ''
   lines = [f'### {name}', '',
            '| input (H x W x C) | kernel -> C_out | stride | in the network | JAX ms (fwd / dx / dw) | '
@@ -207,13 +229,21 @@ def main(argv):
     if FLAGS[flag].value < 1:
       raise app.UsageError(f'--{flag} must be >= 1, got {FLAGS[flag].value}.')
   configs = {name: harness.load_config(name) for name in FLAGS.models}
-  for config in configs.values():
+  for name, config in configs.items():
     config.training.batch_size = FLAGS.batch
+    if config.model.dtype != 'float32':
+      raise app.UsageError(f'configs/{name}.py computes in {config.model.dtype}; this measures float32 only.')
+  schedulers = {config.cpu_scheduler for config in configs.values()}
+  if len(schedulers) > 1:
+    raise app.UsageError(f'The configs ask for different XLA:CPU schedulers ({sorted(schedulers)}); measure them '
+                         'in separate runs.')
   with_torch = FLAGS.torch_python != 'none'
   if with_torch and not os.path.exists(FLAGS.torch_python):
     raise app.UsageError(f'No Python at --torch_python={FLAGS.torch_python}; {TORCHENV_HINT}, or pass '
                          '--torch_python=none for the JAX columns only.')
-  xla_cpu.set_flags(next(iter(configs.values())))  # The train step's XLA:CPU settings; all configs share them.
+  settings = next(iter(configs.values())).copy_and_resolve_references()
+  settings.num_cpu_devices = 1  # One device, as one shard of a train step runs its convolutions.
+  xla_cpu.set_flags(settings)  # The train step's XLA:CPU settings.
   import jax  # pylint: disable=g-import-not-at-top
 
   worker = None
@@ -222,8 +252,13 @@ def main(argv):
       env = dict(os.environ, OMP_NUM_THREADS=str(FLAGS.threads))
       worker = Worker('pytorch', [FLAGS.torch_python, os.path.abspath(__file__), '--torch_worker'], env,
                       tempfile.mkdtemp(prefix='conv_kernels_'))
-    jax.config.update('jax_default_device', jax.local_devices()[0])  # One device, as a train step's shard.
-    sections, figures, torch_device = [], {}, None
+    torch_device = FLAGS.torch_device
+    if torch_device == 'auto':
+      torch_device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
+    if worker and torch_device == 'cuda' and not worker.hello['cuda']:
+      sys.exit(f'bench/conv_kernels.py: PyTorch under {FLAGS.torch_python} has no CUDA; pass --torch_device=cpu '
+               'or a --torch_python with CUDA.')
+    sections, figures = [], {}
     for name, config in configs.items():
       convs = model_convolutions(config)
       progress(f'{name}: {len(convs)} distinct convolutions, {sum(c["count"] for c in convs)} in the network')
@@ -235,10 +270,9 @@ def main(argv):
           if worker:
             request = {k: conv[k] for k in ('lhs', 'rhs', 'strides', 'padding')}
             runs['torch', i].append(worker.call('conv', timeout=600, calls=FLAGS.calls, threads=FLAGS.threads,
-                                                device=FLAGS.torch_device, **request))
+                                                device=torch_device, **request))
       for (side, i), answers in runs.items():
         convs[i][side] = {p: statistics.median(a[p] for a in answers) for p in PASSES}
-        torch_device = answers[0].get('device', torch_device)
       sections.append(table(name, convs, with_torch))
       figures[name] = {'convolutions': convs, 'jax': totals(convs, 'jax')}
       if with_torch:
@@ -264,7 +298,8 @@ def main(argv):
   print(text)
   results_lib.write(FLAGS.out_dir, 'conv_kernels', text, {
       'machine': harness.machine_description(), 'jax': jax.__version__, 'device_kind': device.device_kind,
-      'xla_flags': os.environ.get('XLA_FLAGS', ''), 'torch_device': torch_device, 'batch': FLAGS.batch,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''), 'torch_device': torch_device if worker else None,
+      'batch': FLAGS.batch,
       'models': figures})
 
 

@@ -181,8 +181,10 @@ def test_conv_kernels_finds_every_convolution_of_the_unet(name):
   padded = -(-size // 2**(levels - 1)) * 2**(levels - 1)
   assert [c['lhs'] for c in convs if c['first']] == [[4, padded, padded, channels]]
   assert convs[0]['rhs'] == [3, 3, channels, m.ch] and convs[-1]['rhs'] == [3, 3, m.ch, channels]
-  assert sorted({c['strides'][0] for c in convs}) == [1, 2]
   assert sum(c['count'] for c in convs if c['strides'] == [2, 2]) == levels - 1
+  # 'SAME' padding: one pixel each side at stride 1; at stride 2 on even sizes only after (the PyTorch side
+  # pads those itself).
+  assert all(c['padding'] == ([[1, 1], [1, 1]] if c['strides'] == [1, 1] else [[0, 1], [0, 1]]) for c in convs)
 
 
 def test_conv_kernels_totals_skip_the_images_input_gradient():
@@ -211,3 +213,29 @@ def test_conv_kernels_refuses_bad_counts_before_any_work():
   result = subprocess.run([sys.executable, 'bench/conv_kernels.py', '--calls=0', '--torch_python=none'], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode != 0 and '--calls must be >= 1, got 0.' in result.stderr
+
+
+TORCH_PYTHON = '/tmp/torchenv/bin/python'
+
+
+@pytest.mark.skipif(not os.path.exists(TORCH_PYTHON), reason='no PyTorch side environment at /tmp/torchenv '
+                    '(bench/README.md)')
+@pytest.mark.parametrize('strides, padding', [([1, 1], [[1, 1], [1, 1]]), ([2, 2], [[0, 1], [0, 1]])])
+def test_conv_kernels_pytorch_side_computes_the_jax_sides_convolution(tmp_path, strides, padding):
+  """The two sides of bench/conv_kernels.py time the same forward, input gradient and kernel gradient."""
+  conv_kernels = _conv_kernels()
+  conv = {'lhs': [2, 6, 6, 3], 'rhs': [3, 3, 3, 4], 'strides': strides, 'padding': padding}
+  passes = conv_kernels.jax_passes(conv)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=conv['lhs']).astype(np.float32)
+  kernel = rng.normal(size=conv['rhs']).astype(np.float32)
+  dy = rng.normal(size=passes['fwd'](x, kernel, None).shape).astype(np.float32)
+  worker = conv_kernels.Worker('pytorch', [TORCH_PYTHON, conv_kernels.__file__, '--torch_worker'], dict(os.environ),
+                               str(tmp_path))
+  try:
+    values = worker.call('conv', timeout=120, calls=1, threads=1, device='cpu',
+                         inputs={'x': x.tolist(), 'kernel': kernel.tolist(), 'dy': dy.tolist()}, **conv)['values']
+  finally:
+    worker.close()
+  for name, fn in passes.items():
+    np.testing.assert_allclose(np.array(values[name]), fn(x, kernel, dy), rtol=1e-4, atol=1e-4, err_msg=name)
