@@ -16,7 +16,9 @@ The PyTorch side needs the side environment of bench/vs_pytorch.py (/tmp/torchen
 """
 import os
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_worker  # pylint: disable=wrong-import-position  # bench/torch_worker.py (stdlib only).
 
 PASSES = ('fwd', 'dx', 'dw')  # Forward, input gradient, kernel gradient.
 
@@ -26,7 +28,6 @@ def torch_convolution(r: dict) -> dict:
   [lo, hi]], "calls", "threads", "device": cpu | cuda} -> {pass: median seconds of `calls` timed calls after one
   untimed, the device's work done}. With "inputs": {"x" (NHWC), "kernel" (HWIO), "dy" (NHWC output gradient)}
   as nested lists it computes on those instead and answers {"values": {pass: result, NHWC / HWIO lists}}."""
-  import statistics  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(r['threads'])
@@ -63,25 +64,12 @@ def torch_convolution(r: dict) -> dict:
       dx = calls['dx']() if symmetric else calls['dx']()[:, :, top:top + h, left:left + w]  # The unpadded input's.
       return {'values': {'fwd': calls['fwd']().permute(0, 2, 3, 1).tolist(), 'dx': dx.permute(0, 2, 3, 1).tolist(),
                          'dw': calls['dw']().permute(2, 3, 1, 0).tolist()}}
-    answer = {}
-    for name in PASSES:
-      calls[name]()
-      wait()
-      times = []
-      for _ in range(r['calls']):
-        start = time.perf_counter()
-        calls[name]()
-        wait()
-        times.append(time.perf_counter() - start)
-      answer[name] = statistics.median(times)
-  return answer
+    return {name: torch_worker.median_seconds(lambda: (calls[name](), wait()), r['calls']) for name in PASSES}
 
 
 def torch_worker_main() -> None:
   """Serves `conv` requests on stdin/stdout (bench/torch_worker.py's protocol); says whether it has CUDA."""
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import torch  # pylint: disable=g-import-not-at-top
-  import torch_worker  # pylint: disable=g-import-not-at-top  # bench/torch_worker.py: the protocol.
   torch_worker.serve({'conv': torch_convolution}, {'torch': torch.__version__, 'cuda': torch.cuda.is_available()})
 
 
@@ -98,7 +86,6 @@ import tempfile
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # bench/harness.py.
 from harness import REPO, TORCHENV_HINT, Worker, WorkerError, progress
 import results as results_lib  # bench/results.py.
@@ -178,16 +165,8 @@ def jax_convolution(conv: dict, calls: int) -> dict:
   kernel = jax.random.normal(keys[1], conv['rhs']) / (conv['rhs'][0] * conv['rhs'][1] * conv['rhs'][2]) ** 0.5
   passes = jax_passes(conv)
   dy = jax.random.normal(keys[2], jax.eval_shape(passes['fwd'], x, kernel, None).shape)
-  answer = {}
-  for name, fn in passes.items():
-    jax.block_until_ready(fn(x, kernel, dy))
-    times = []
-    for _ in range(calls):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(x, kernel, dy))
-      times.append(time.perf_counter() - start)
-    answer[name] = statistics.median(times)
-  return answer
+  return {name: torch_worker.median_seconds(lambda: jax.block_until_ready(fn(x, kernel, dy)), calls)
+          for name, fn in passes.items()}
 
 
 def totals(convs: list[dict], side: str) -> dict:
@@ -282,12 +261,12 @@ def main(argv):
   finally:
     if worker:
       worker.close()
-  device = jax.devices()[0]
+  device, machine = jax.devices()[0], harness.machine_description()
   header = [
       '# A U-Net\'s convolutions one at a time: JAX vs PyTorch', '',
       f'- command: `{shlex.join([os.path.relpath(sys.executable, REPO), *sys.argv])}`',
       f'- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}',
-      f'- machine: {harness.machine_description()}',
+      f'- machine: {machine}',
       f'- JAX {jax.__version__} on {device.platform} ({device.device_kind}), XLA_FLAGS: '
       f'`{os.environ.get("XLA_FLAGS", "")}`' + (f'; PyTorch {worker.hello["torch"]} on {torch_device}, '
                                                 f'{FLAGS.threads} threads, NCHW'
@@ -297,10 +276,9 @@ def main(argv):
   text = '\n'.join(header) + '\n' + '\n\n'.join(sections)
   print(text)
   results_lib.write(FLAGS.out_dir, 'conv_kernels', text, {
-      'machine': harness.machine_description(), 'jax': jax.__version__, 'device_kind': device.device_kind,
+      'machine': machine, 'jax': jax.__version__, 'device_kind': device.device_kind,
       'xla_flags': os.environ.get('XLA_FLAGS', ''), 'torch_device': torch_device if worker else None,
-      'batch': FLAGS.batch,
-      'models': figures})
+      'batch': FLAGS.batch, 'models': figures})
 
 
 if __name__ == '__main__':

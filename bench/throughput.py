@@ -14,15 +14,14 @@ import collections
 import glob
 import os
 import re
-import statistics
 import sys
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import results  # pylint: disable=g-import-not-at-top,wrong-import-position  # bench/results.py.
+from torch_worker import median_seconds  # pylint: disable=g-import-not-at-top,wrong-import-position  # Stdlib only.
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'The config to measure.', lock_config=True)
@@ -31,16 +30,6 @@ flags.DEFINE_integer('sample_steps', 50, 'DDIM steps for the sampling measuremen
 flags.DEFINE_string('profile_dir', None, 'Trace one train step into this directory and print where its time goes.')
 flags.DEFINE_integer('profile_top', 15, 'Slowest ops to list with --profile_dir.')
 flags.DEFINE_string('out_dir', results.DEFAULT_DIR, "Folder for throughput.md and .json ('' for none).")
-
-
-def median_seconds(fn, steps):
-  fn()  # Warm-up: compiles.
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def print_profile(compiled_text: str, trace_dir: str, top: int, step_seconds: float) -> None:

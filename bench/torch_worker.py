@@ -28,6 +28,7 @@ import json
 import os
 import re
 import resource
+import statistics
 import sys
 import time
 import traceback
@@ -101,6 +102,17 @@ def serve(handlers: dict, hello: dict) -> None:
       reply(dict(answer, ok=True))
     except Exception:  # pylint: disable=broad-except
       reply({'ok': False, 'error': traceback.format_exc()})
+
+
+def median_seconds(fn, calls: int) -> float:
+  """The median of `calls` timed calls of fn (which waits for its own work) after one untimed call."""
+  fn()
+  times = []
+  for _ in range(calls):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
 
 
 def timed_run(fn, request: dict, wait) -> dict:
