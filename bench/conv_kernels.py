@@ -5,12 +5,13 @@
 
 Convolutions are most of a train step on a CPU (docs/performance.md). For each distinct convolution of a
 config's U-Net (read from the jaxpr of its forward: input and kernel shapes, strides, padding) this times its
-forward, input gradient and kernel gradient in JAX, in this process with the train step's XLA settings
-(xla_cpu.set_flags), and in PyTorch in a worker process (bench/torch_worker.py's protocol; NCHW float32 as
-diffusers runs, conv2d and aten's convolution_backward), alternating JAX and PyTorch per convolution, --rounds
-times; medians. Then it sums them over the network as a train step runs them (every forward and kernel
-gradient, every input gradient but the first convolution's: the images need none) and as a forward does.
-Neither side adds a bias. Prints one table per model, writes bench/results/conv_kernels.md and .json.
+forward, input gradient and kernel gradient in JAX, in this process with the train step's XLA:CPU settings
+(xla_cpu.set_flags: flags and the library of the convolutions, --cpu_convolutions), and in PyTorch in a
+worker process (bench/torch_worker.py's protocol; NCHW float32 as diffusers runs, conv2d and aten's
+convolution_backward), alternating JAX and PyTorch per convolution, --rounds times; medians. Then it sums
+them over the network as a train step runs them (every forward and kernel gradient, every input gradient but
+the first convolution's: the images need none) and as a forward does. Neither side adds a bias. Prints one
+table per model, writes bench/results/conv_kernels.md and .json.
 
 The PyTorch side needs the side environment of bench/vs_pytorch.py (/tmp/torchenv, see there).
 """
@@ -102,6 +103,8 @@ flags.DEFINE_integer('threads', 2, 'torch.set_num_threads of the PyTorch worker.
 flags.DEFINE_string('torch_python', '/tmp/torchenv/bin/python',
                     "Python of the side environment with torch ('none': the JAX columns only).")
 flags.DEFINE_enum('torch_device', 'auto', ['auto', 'cpu', 'cuda'], "auto: cuda where JAX runs on a GPU, else cpu.")
+flags.DEFINE_enum('cpu_convolutions', None, xla_cpu.CONVOLUTIONS,
+                  "Library of JAX's convolutions on the CPU (default: the configs' cpu_convolutions).")
 flags.DEFINE_string('out_dir', results_lib.DEFAULT_DIR, "Folder for conv_kernels.md and .json ('' for none).")
 
 
@@ -212,16 +215,18 @@ def main(argv):
     config.training.batch_size = FLAGS.batch
     if config.model.dtype != 'float32':
       raise app.UsageError(f'configs/{name}.py computes in {config.model.dtype}; this measures float32 only.')
-  schedulers = {config.cpu_scheduler for config in configs.values()}
-  if len(schedulers) > 1:
-    raise app.UsageError(f'The configs ask for different XLA:CPU schedulers ({sorted(schedulers)}); measure them '
-                         'in separate runs.')
+  for setting in ('cpu_scheduler', 'cpu_convolutions'):
+    values = {config[setting] for config in configs.values()}
+    if len(values) > 1:
+      raise app.UsageError(f'The configs ask for different {setting} ({sorted(values)}); measure them in '
+                           'separate runs.')
   with_torch = FLAGS.torch_python != 'none'
   if with_torch and not os.path.exists(FLAGS.torch_python):
     raise app.UsageError(f'No Python at --torch_python={FLAGS.torch_python}; {TORCHENV_HINT}, or pass '
                          '--torch_python=none for the JAX columns only.')
   settings = next(iter(configs.values())).copy_and_resolve_references()
   settings.num_cpu_devices = 1  # One device, as one shard of a train step runs its convolutions.
+  settings.cpu_convolutions = FLAGS.cpu_convolutions or settings.cpu_convolutions
   xla_cpu.set_flags(settings)  # The train step's XLA:CPU settings.
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -268,16 +273,17 @@ def main(argv):
       f'- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}',
       f'- machine: {machine}',
       f'- JAX {jax.__version__} on {device.platform} ({device.device_kind}), XLA_FLAGS: '
-      f'`{os.environ.get("XLA_FLAGS", "")}`' + (f'; PyTorch {worker.hello["torch"]} on {torch_device}, '
-                                                f'{FLAGS.threads} threads, NCHW'
-                                                if worker else '; PyTorch: not run (--torch_python=none)'),
+      f'`{os.environ.get("XLA_FLAGS", "")}`, cpu_convolutions={settings.cpu_convolutions}'
+      + (f'; PyTorch {worker.hello["torch"]} on {torch_device}, {FLAGS.threads} threads, NCHW'
+         if worker else '; PyTorch: not run (--torch_python=none)'),
       f'- batch {FLAGS.batch}, float32, no bias; per pass the median of {FLAGS.calls} calls back to back, then '
       f'the median of {FLAGS.rounds} rounds alternating JAX and PyTorch per convolution', '']
   text = '\n'.join(header) + '\n' + '\n\n'.join(sections)
   print(text)
   results_lib.write(FLAGS.out_dir, 'conv_kernels', text, {
       'machine': machine, 'jax': jax.__version__, 'device_kind': device.device_kind,
-      'xla_flags': os.environ.get('XLA_FLAGS', ''), 'torch_device': torch_device if worker else None,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''), 'cpu_convolutions': settings.cpu_convolutions,
+      'torch_device': torch_device if worker else None,
       'batch': FLAGS.batch, 'models': figures})
 
 

@@ -6,7 +6,7 @@ The protocol is bench/torch_worker.py's: {"ok": true, "hello": {...}} first, the
 
   build    {"op": "build", "model": configs/ name, "op_name": "train"|"forward"|"ddim"|"dpm++2m"|"ddpm", "batch",
             "sample_steps", "grad_accum_steps", "dtype", "seed", "num_cpu_devices"?, "cpu_scheduler"?,
-            "overrides"?: {"section.key": value}}
+            "cpu_convolutions"?, "overrides"?: {"section.key": value}}
            -> {"params", "flops" (per call, all devices), "compile_seconds", "platform", "device_kind", ...}
   run      {"op": "run", "calls"?: n} -> {"seconds": s} for n calls in a row (the last one waited for).
   reset_peak / memory / quit.
@@ -39,8 +39,9 @@ class JaxBench:
     config.model.dtype = r['dtype']
     if r.get('num_cpu_devices') is not None:
       config.num_cpu_devices = r['num_cpu_devices']
-    if r.get('cpu_scheduler') is not None:
-      config.cpu_scheduler = r['cpu_scheduler']
+    for key in ('cpu_scheduler', 'cpu_convolutions'):
+      if r.get(key) is not None:
+        config[key] = r[key]
     for key, value in r.get('overrides', {}).items():  # 'model.remat': True, ...
       section, name = key.split('.')
       config[section][name] = value

@@ -55,6 +55,8 @@ flags.DEFINE_integer('num_cpu_devices', None, 'JAX CPU devices (default: the con
                      'per core dividing the batch). Ignored on accelerators.')
 flags.DEFINE_enum('cpu_scheduler', None, xla_cpu.SCHEDULERS,
                   'XLA:CPU op scheduler of the JAX side (default: the config\'s cpu_scheduler).')
+flags.DEFINE_enum('cpu_convolutions', None, xla_cpu.CONVOLUTIONS,
+                  'Library of the JAX side\'s convolutions on the CPU (default: the config\'s cpu_convolutions).')
 flags.DEFINE_integer('grad_accum_steps', 0, 'training.grad_accum_steps of the JAX train step: the same update from '
                      'this many micro-batches; 0: the project\'s automatic choice (on a CPU, micro-batches of 16 for '
                      'per-device batches that are multiples of 16 above 32), 1: the whole batch. The PyTorch '
@@ -90,7 +92,8 @@ def measure(name: str, config, op: str, batch: int, log_dir: str) -> dict:
     workers.append(torch_side)
     start = time.perf_counter()
     built = jax_side.call('build', model=name, batch=batch, op_name=OP_NAMES[op], sample_steps=FLAGS.sample_steps,
-                          num_cpu_devices=FLAGS.num_cpu_devices, cpu_scheduler=FLAGS.cpu_scheduler, dtype=FLAGS.dtype,
+                          num_cpu_devices=FLAGS.num_cpu_devices, cpu_scheduler=FLAGS.cpu_scheduler,
+                          cpu_convolutions=FLAGS.cpu_convolutions, dtype=FLAGS.dtype,
                           grad_accum_steps=FLAGS.grad_accum_steps if op == 'train' else 1,
                           seed=FLAGS.seed)
     jax_build_seconds = time.perf_counter() - start

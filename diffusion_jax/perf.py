@@ -1,9 +1,11 @@
 """Speed figures: FLOPs from XLA's cost analysis, the device's peak, and a meter of steps/s, images/s and MFU.
 
-MFU (model FLOPs utilization) = FLOPs per step (XLA's count of the program) x steps/s / the device's dense peak.
+MFU (model FLOPs utilization) = FLOPs per step (XLA's count of the program, with UNCOUNTED_FLOPS) x steps/s / the
+device's dense peak.
 The peaks are the vendors' dense (no sparsity) figures per chip: bfloat16 tensor-core throughput, and for
 float32 what XLA's default precision uses (TF32 tensor cores on NVIDIA GPUs, bfloat16 passes on TPUs).
 """
+from collections.abc import Callable
 import time
 
 # Dense peak TFLOP/s by device-kind substring (first match wins; jax.Device.device_kind). Sources: the NVIDIA
@@ -31,12 +33,23 @@ def peak_flops(device_kind: str, dtype: str, peak_tflops: float = 0.0) -> float 
   return None
 
 
+# FLOPs that XLA's cost analysis cannot see (custom calls that a backend module emits), each a function of the
+# program's HLO text; xla_cpu adds oneDNN's convolutions.
+UNCOUNTED_FLOPS: list[Callable[[str], float]] = []
+
+
 def cost_flops(lowered_or_compiled) -> float:
-  """The 'flops' of XLA's cost analysis of a jax Lowered or Compiled program (0.0 where XLA gives none)."""
+  """The 'flops' of XLA's cost analysis of a jax Lowered or Compiled program (0.0 where XLA gives none), plus
+  those of UNCOUNTED_FLOPS."""
   cost = lowered_or_compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
     cost = cost[0] if cost else {}
-  return float((cost or {}).get('flops', 0.0))
+  flops = float((cost or {}).get('flops', 0.0))
+  if UNCOUNTED_FLOPS:
+    lowered = hasattr(lowered_or_compiled, 'compile')
+    text = lowered_or_compiled.as_text(dialect='hlo') if lowered else lowered_or_compiled.as_text()
+    flops += sum(count(text) for count in UNCOUNTED_FLOPS)
+  return flops
 
 
 class Meter:

@@ -1,10 +1,13 @@
 """XLA:CPU tuning: the one module that knows the CPU backend.
 
 main.py and the benchmarks call `set_flags(config)` before JAX starts and `tune(config)` after. Nothing
-here changes what a program computes, and nothing applies on GPUs or TPUs; deleting this module and those
-two calls leaves a correct program that is slower and larger on CPUs. What it sets:
+here changes what a program computes (oneDNN's convolutions round differently from Eigen's, within float32
+rounding), and nothing applies on GPUs or TPUs; deleting this module and those two calls leaves a correct
+program that is slower and larger on CPUs. What it sets:
 - XLA_FLAGS (read by XLA:CPU only): convolutions off YNNPACK for the jaxlibs that take the flag, and the
   op scheduler (config.cpu_scheduler);
+- the library of the convolutions compiled for the CPU (config.cpu_convolutions): oneDNN for those it runs
+  faster than Eigen (a lowering rule for the CPU platform only; `set_convolutions`);
 - the number of JAX devices the host CPU is split into (config.num_cpu_devices);
 - on the CPU backend: micro-batches of CPU_MICRO_BATCH per device when training.grad_accum_steps is 0
   (automatic); the samplers compiled without YNNPACK fusions (runtime.INFERENCE_COMPILER_OPTIONS); the C
@@ -13,12 +16,15 @@ What each buys, measured: docs/performance.md.
 """
 import ctypes
 import functools
+import json
 import math
 import os
+import re
 
 from absl import logging
 import jax
 
+from diffusion_jax import perf
 from diffusion_jax import runtime
 from diffusion_jax.checks import ConfigError
 
@@ -50,10 +56,27 @@ TRIM_AFTER_COMPILE_SECONDS = 1.0
 BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 
 
-def _jaxlib_takes_ynn_flag() -> bool:
+# Convolutions compiled for the CPU (config.cpu_convolutions). 'onednn': those with a kernel no larger than their
+# output, no input dilation and one group (the model's and their input gradients), float32, on one device or per
+# device under shard_map, run as XLA:CPU's own oneDNN custom call; all others, and every convolution with
+# 'eigen', keep JAX's lowering (Eigen's kernels). oneDNN's forward and input gradient take 0.6-0.9x Eigen's time
+# on the AMD EPYC (AVX-512) of docs/performance.md; Eigen's kernel gradient is as fast as oneDNN's. XLA:CPU runs
+# the call (jaxlib 0.10) but no flag of it emits one, and its configuration is XLA's internal format: it is only
+# emitted for the jaxlibs it was checked on (tests/test_xla_cpu.py).
+CONVOLUTIONS = ('onednn', 'eigen')
+ONEDNN_CONVOLUTION = '__onednn$convolution'
+ONEDNN_JAXLIB_VERSIONS = ((0, 10), (0, 11))  # [first, last) jaxlib versions whose XLA:CPU runs ONEDNN_CONVOLUTION.
+_onednn_convolutions = False  # Read by the lowering rule when a program for the CPU is lowered.
+
+
+def _jaxlib_in(versions: tuple[tuple[int, int], tuple[int, int]]) -> bool:
   import jaxlib.version  # pylint: disable=g-import-not-at-top
-  first, last = YNN_FLAG_JAXLIB_VERSIONS
+  first, last = versions
   return first <= tuple(int(part) for part in jaxlib.version.__version__.split('.')[:2]) < last
+
+
+def _jaxlib_takes_ynn_flag() -> bool:
+  return _jaxlib_in(YNN_FLAG_JAXLIB_VERSIONS)
 
 
 def xla_flags(scheduler: str) -> list[str]:
@@ -75,6 +98,7 @@ def set_flags(config) -> None:
   XLA_FLAGS set by the user take precedence, --xla_force_host_platform_device_count included.
   """
   ours = xla_flags(config.cpu_scheduler)
+  set_convolutions(config.cpu_convolutions)
   os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''), *ours]).strip()
   if 'xla_force_host_platform_device_count' in os.environ['XLA_FLAGS']:
     return
@@ -87,6 +111,105 @@ def set_flags(config) -> None:
   if not isinstance(count, int) or count < 1:
     raise ConfigError(f'num_cpu_devices must be >= 1 or -1 (one per core), got {count!r}.')
   jax.config.update('jax_num_cpu_devices', count)
+
+
+def set_convolutions(library: str) -> bool:
+  """Lowers the convolutions compiled for the CPU from now on with `library` (CONVOLUTIONS); False where 'onednn'
+  was asked and this jaxlib is not one it was checked on (Eigen then). A change clears JAX's caches, so that
+  jitted functions compile again with it."""
+  global _onednn_convolutions
+  if library not in CONVOLUTIONS:
+    raise ConfigError(f'Unknown cpu_convolutions {library!r}; choose one of {", ".join(CONVOLUTIONS)}.')
+  onednn = library == 'onednn' and _jaxlib_in(ONEDNN_JAXLIB_VERSIONS)
+  if onednn != _onednn_convolutions:
+    jax.clear_caches()
+  _onednn_convolutions = onednn
+  if _onednn_convolutions:
+    _register_convolution_lowering()
+  elif library == 'onednn':
+    logging.info('XLA:CPU: convolutions on Eigen; oneDNN is only used with jaxlib 0.10.')
+  return _onednn_convolutions
+
+
+@functools.cache  # Registered once per process; set_convolutions switches it on and off.
+def _register_convolution_lowering() -> None:
+  from jax._src.interpreters import mlir  # pylint: disable=g-import-not-at-top
+  from jax._src.lax import convolution  # pylint: disable=g-import-not-at-top
+  lowerings = mlir._platform_specific_lowerings['cpu']  # pylint: disable=protected-access
+  jax_rule = lowerings[convolution.conv_general_dilated_p].rule
+
+  def rule(ctx, lhs, rhs, **params):
+    if _onednn_convolutions and _onednn_runs(ctx, **params):
+      return _onednn_convolution(ctx, lhs, rhs, **params)
+    return jax_rule(ctx, lhs, rhs, **params)
+
+  mlir.register_lowering(convolution.conv_general_dilated_p, rule, platform='cpu')
+  perf.UNCOUNTED_FLOPS.append(onednn_convolution_flops)
+
+
+# A oneDNN convolution in HLO text: its result and input shapes and its configuration (_onednn_convolution's).
+_ONEDNN_LINE = re.compile(r'= f32\[([\d,]+)\]\S* custom-call\(.*custom_call_target="__onednn\$convolution", '
+                          r'operand_layout_constraints=\{f32\[([\d,]+)\]\S*, f32\[[\d,]+\]\S*\}.*'
+                          r'backend_config=(\{.*\})$', re.MULTILINE)
+
+
+def onednn_convolution_flops(hlo_text: str) -> float:
+  """FLOPs of the oneDNN convolutions in `hlo_text`, counted as XLA counts a convolution (2 per multiply-add of
+  an input element, padding left out), plus the 1 that XLA's cost analysis takes off for each such call."""
+  total = 0.0
+  for out, lhs, config in _ONEDNN_LINE.findall(hlo_text):
+    out, lhs = ([int(n) for n in shape.split(',')] for shape in (out, lhs))
+    config = json.loads(config)['onednnConvConfig']
+    window, spatial = config['window'], [int(d) for d in config['input']['data']['spatialDims']]
+    taps = 1  # (output position, kernel position) pairs that read an input element, over all spatial dimensions.
+    for i, size in enumerate(int(n) for n in window['size']):
+      stride, dilation, low = (int(window[key][i]) for key in ('strides', 'windowDilations', 'padLeft'))
+      out_size, in_size = out[int(config['output']['data']['spatialDims'][i])], lhs[spatial[i]]
+      taps *= sum(0 <= o * stride + k * dilation - low < in_size for o in range(out_size) for k in range(size))
+    batch, features = out[int(config['output']['data']['batchDim'])], out[int(config['output']['data']['featureDim'])]
+    total += 2.0 * batch * features * lhs[int(config['input']['data']['featureDim'])] * taps + 1.0
+  return total
+
+
+def _onednn_runs(ctx, *, lhs_dilation, dimension_numbers, feature_group_count, batch_group_count,
+                 preferred_element_type, padding, **unused) -> bool:
+  """Whether oneDNN takes this convolution: see CONVOLUTIONS."""
+  from jax._src import sharding_impls  # pylint: disable=g-import-not-at-top
+  (lhs, rhs), (out,) = ctx.avals_in, ctx.avals_out
+  axes = ctx.module_context.axis_context  # A custom call cannot be split over devices by XLA's partitioner.
+  on_one_device = (isinstance(axes, sharding_impls.ShardingContext) and axes.num_devices == 1
+                   or isinstance(axes, sharding_impls.SPMDAxisContext)
+                   and axes.manual_axes == frozenset(axes.mesh.axis_names))
+  window = [rhs.shape[d] for d in dimension_numbers.rhs_spec[2:]]
+  output = [out.shape[d] for d in dimension_numbers.out_spec[2:]]
+  return (on_one_device and len(window) == 2 and lhs.dtype == rhs.dtype == out.dtype == jax.numpy.float32
+          and preferred_element_type in (None, jax.numpy.float32) and feature_group_count == batch_group_count == 1
+          and all(d == 1 for d in lhs_dilation) and all(low >= 0 and high >= 0 for low, high in padding)
+          and all(w <= o for w, o in zip(window, output)))
+
+
+def _onednn_convolution(ctx, lhs, rhs, *, window_strides, padding, rhs_dilation, dimension_numbers, **unused):
+  """The custom call XLA:CPU runs with oneDNN's convolution (xla/service/cpu/onednn_convolution.cc)."""
+  from jax._src.interpreters import mlir  # pylint: disable=g-import-not-at-top
+  lhs_spec, rhs_spec, out_spec = dimension_numbers
+  numbers = lambda values: [str(int(value)) for value in values]  # proto3 JSON spells 64-bit integers as strings.
+  data = lambda spec: {'dims': str(len(spec)), 'data': {'batchDim': str(spec[0]), 'featureDim': str(spec[1]),
+                                                        'spatialDims': numbers(spec[2:])}}
+  config = {
+      'dims': str(len(lhs_spec)), 'featureGroups': '1', 'input': data(lhs_spec), 'output': data(out_spec),
+      'kernel': {'dims': str(len(rhs_spec)), 'filter': {'outputFeatureDim': str(rhs_spec[0]),
+                                                        'inputFeatureDim': str(rhs_spec[1]),
+                                                        'spatialDims': numbers(rhs_spec[2:])}},
+      'window': {'size': numbers(ctx.avals_in[1].shape[d] for d in rhs_spec[2:]),
+                 'padLeft': numbers(low for low, _ in padding), 'padRight': numbers(high for _, high in padding),
+                 'strides': numbers(window_strides), 'windowDilations': numbers(rhs_dilation)}}
+  row_major = lambda aval: list(reversed(range(aval.ndim)))
+  result_type = mlir.aval_to_ir_type(ctx.module_context, ctx.avals_out[0])
+  call = mlir.custom_call(ONEDNN_CONVOLUTION, result_types=[result_type], operands=[lhs, rhs],
+                          backend_config=json.dumps({'onednnConvConfig': config}), api_version=1,
+                          operand_layouts=[row_major(aval) for aval in ctx.avals_in],
+                          result_layouts=[row_major(ctx.avals_out[0])])
+  return call.results
 
 
 def micro_batches(batch_size: int, num_devices: int) -> int:

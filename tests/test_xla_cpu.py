@@ -1,7 +1,7 @@
-"""The XLA:CPU module: its flags, device count and micro-batches, and that the core runs without it.
+"""The XLA:CPU module: its flags, device count, micro-batches and convolutions, and that the core runs without it.
 
-The tests that look at XLA's compiled programs (YNNPACK fusions, the scheduler's peak) know jaxlib 0.10-0.11
-and skip with a reason on other versions.
+The tests that look at XLA's compiled programs (YNNPACK fusions, the scheduler's peak, oneDNN's custom calls)
+know jaxlib 0.10-0.11 (oneDNN: 0.10) and skip with a reason on other versions.
 """
 import os
 import platform
@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import jaxlib.version
 import numpy as np
 import pytest
@@ -24,6 +25,11 @@ KNOWN_JAXLIB = xla_cpu.YNN_FLAG_JAXLIB_VERSIONS[0] <= tuple(
     int(v) for v in jaxlib.version.__version__.split('.')[:2]) < xla_cpu.YNN_FLAG_JAXLIB_VERSIONS[1]
 needs_known_jaxlib = pytest.mark.skipif(not KNOWN_JAXLIB, reason=f'looks at XLA:CPU programs of jaxlib 0.10-0.11, '
                                         f'not {jaxlib.version.__version__}')
+
+ONEDNN_JAXLIB = xla_cpu._jaxlib_in(xla_cpu.ONEDNN_JAXLIB_VERSIONS)  # pylint: disable=protected-access
+needs_onednn_jaxlib = pytest.mark.skipif(not ONEDNN_JAXLIB, reason=f'oneDNN convolutions are emitted for jaxlib '
+                                         f'0.10 only, not {jaxlib.version.__version__}')
+ONEDNN_CALL = f'custom_call_target="{xla_cpu.ONEDNN_CONVOLUTION}"'
 
 
 def run_python(code: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -133,8 +139,10 @@ def test_memory_optimized_scheduler_lowers_the_train_step_peak():
 @needs_known_jaxlib
 @pytest.mark.slow
 def test_ynn_flag_keeps_convolutions_off_ynnpack():
-  """With the module's flag XLA:CPU compiles a convolution without YNNPACK; the user's flag can bring it back."""
+  """With the module's flag XLA:CPU compiles a convolution (on Eigen) without YNNPACK; the user's flag can bring
+  it back."""
   code = ('from configs import default; from diffusion_jax import xla_cpu; xla_cpu.set_flags(default.get_config()); '
+          'xla_cpu.set_convolutions("eigen"); '
           'import jax; conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=('
           '"NHWC", "HWIO", "NHWC")); x, w = jax.numpy.ones((2, 16, 16, 64)), jax.numpy.ones((3, 3, 64, 64)); '
           'print("ynn_fusion" in jax.jit(conv).lower(x, w).compile().as_text())')
@@ -222,3 +230,155 @@ def test_samplers_compile_without_ynnpack_unless_the_user_chose(user_flags):
   step_fusions, sample_fusions = map(int, result.stdout.split())
   assert step_fusions > 0, result.stderr[-2000:]
   assert (sample_fusions > 0) == bool(user_flags)
+
+
+def slices_and_dots_conv(x, w, strides, padding, dilation):
+  """A second convolution: NHWC x, HWIO w, as a sum of one dot per kernel tap over strided slices of x."""
+  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  (kh, kw), (sh, sw) = w.shape[:2], strides
+  oh, ow = ((x.shape[1 + a] - dilation * (k - 1) - 1) // s + 1 for a, k, s in ((0, kh, sh), (1, kw, sw)))
+  return sum(jnp.einsum('nhwc,co->nhwo', x[:, i * dilation:i * dilation + sh * (oh - 1) + 1:sh,
+                                            j * dilation:j * dilation + sw * (ow - 1) + 1:sw], w[i, j])
+             for i in range(kh) for j in range(kw))
+
+
+def value_and_grads(conv):
+  return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w))), argnums=(0, 1)))
+
+
+@pytest.fixture
+def convolutions():
+  """Sets xla_cpu.set_convolutions for the test; the session's (the default config's) afterwards."""
+  yield xla_cpu.set_convolutions
+  xla_cpu.set_convolutions(default.get_config().cpu_convolutions)
+
+
+@needs_onednn_jaxlib
+@pytest.mark.parametrize('layout', ['NHWC', 'NCHW'])
+@pytest.mark.parametrize('strides, padding, dilation, onednn_calls', [
+    ((1, 1), ((1, 1), (1, 1)), 1, 2),  # The U-Net's 3x3 convolutions: forward and input gradient on oneDNN.
+    ((2, 2), ((0, 1), (0, 1)), 1, 1),  # Its downsampling: the input gradient dilates its input, so Eigen.
+    ((1, 2), ((2, 0), (1, 3)), 2, 1),  # Dilated kernel, unequal strides and padding.
+])
+def test_onednn_convolutions_equal_slices_and_dots(convolutions, layout, strides, padding, dilation, onednn_calls):
+  """A convolution, its input and kernel gradients with cpu_convolutions='onednn' equal a sum of dots over slices
+  (to float32 rounding); the forward and the input gradients without input dilation run as oneDNN's custom call,
+  the kernel gradient (a kernel larger than its output) on Eigen."""
+  assert convolutions('onednn')
+  x = jax.random.normal(jax.random.key(0), (2, 11, 10, 5))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 5, 7)) * 0.3
+  numbers = (layout, 'HWIO' if layout == 'NHWC' else 'OIHW', layout)
+  to = lambda a, spec: a if spec in ('NHWC', 'HWIO') else a.transpose((0, 3, 1, 2) if spec == 'NCHW' else (3, 2, 0, 1))
+  conv = lambda x, w: jax.lax.conv_general_dilated(to(x, layout), to(w, numbers[1]), strides, padding,
+                                                   rhs_dilation=(dilation,) * 2, dimension_numbers=numbers)
+  program = value_and_grads(conv)
+  assert program.lower(x, w).compile().as_text().count(ONEDNN_CALL) == onednn_calls
+  expected = value_and_grads(lambda x, w: to(slices_and_dots_conv(x, w, strides, padding, dilation), layout))(x, w)
+  for got, want in zip(jax.tree.leaves(program(x, w)), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn_jaxlib
+@pytest.mark.parametrize('case', ['eigen', 'feature groups', 'bfloat16', 'one spatial dimension'])
+def test_convolutions_onednn_does_not_take_keep_jax_lowering(convolutions, case):
+  """cpu_convolutions='eigen', grouped, bfloat16 and 1-D convolutions compile without oneDNN, to the same values."""
+  convolutions('eigen' if case == 'eigen' else 'onednn')
+  groups, dtype = (2, jnp.float32) if case == 'feature groups' else (1, jnp.bfloat16 if case == 'bfloat16' else jnp.float32)
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4), dtype)
+  w = jax.random.normal(jax.random.key(1), (3, 3, 4 // groups, 6), dtype)
+  if case == 'one spatial dimension':
+    x, w = x[:, 0], w[0]
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1,), ((1, 1),), dimension_numbers=('NWC', 'WIO', 'NWC'))
+    reference = lambda x, w: slices_and_dots_conv(x[:, None], w[None], (1, 1), ((0, 0), (1, 1)), 1)[:, 0]
+  else:
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1),) * 2, feature_group_count=groups,
+                                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    reference = lambda x, w: jnp.concatenate([slices_and_dots_conv(x[..., 2 * g:2 * g + 2] if groups > 1 else x,
+                                                                   w[..., 3 * g:3 * g + 3] if groups > 1 else w,
+                                                                   (1, 1), ((1, 1),) * 2, 1)
+                                              for g in range(groups)], axis=-1)
+  program = jax.jit(conv)
+  assert ONEDNN_CALL not in program.lower(x, w).compile().as_text()
+  tolerance = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+  np.testing.assert_allclose(np.asarray(program(x, w), np.float32), np.asarray(reference(x, w), np.float32),
+                             rtol=tolerance, atol=tolerance * 10)
+
+
+def test_unknown_cpu_convolutions_are_refused_and_unknown_jaxlibs_keep_eigen(convolutions, monkeypatch):
+  with pytest.raises(ConfigError, match=r"Unknown cpu_convolutions 'mkl'; choose one of onednn, eigen\.$"):
+    convolutions('mkl')
+  monkeypatch.setattr(jaxlib.version, '__version__', '0.11.0')
+  assert not convolutions('onednn')
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  assert ONEDNN_CALL not in jax.jit(conv).lower(jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))).compile().as_text()
+  monkeypatch.undo()
+
+
+ONEDNN_ON_DEVICES = """
+from functools import partial
+from configs import default
+from diffusion_jax import xla_cpu
+config = default.get_config()
+config.num_cpu_devices = 2
+xla_cpu.set_flags(config)
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((2,), ('batch',))
+conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+x = jax.device_put(jnp.ones((4, 8, 8, 4)), NamedSharding(mesh, P('batch')))
+w = jax.device_put(jnp.ones((3, 3, 4, 4)), NamedSharding(mesh, P()))
+per_device = jax.jit(jax.shard_map(conv, mesh=mesh, in_specs=(P('batch'), P()), out_specs=P('batch')))
+for program in (jax.jit(conv), per_device):
+  print(program.lower(x, w).compile().as_text().count('__onednn$convolution'), float(program(x, w).sum()))
+"""
+
+
+@needs_onednn_jaxlib
+def test_onednn_convolutions_run_per_device_only(tmp_path):
+  """Over 2 devices, a convolution that XLA splits (jit of sharded arrays) stays on Eigen, one inside shard_map
+  (per device) runs on oneDNN; both give the same sum (interior outputs 36, edges 24, corners 16)."""
+  result = run_python(ONEDNN_ON_DEVICES, env={'XLA_FLAGS': ''})
+  assert result.returncode == 0, result.stderr[-2000:]
+  sums = 4 * 4 * (36 * 36 + 4 * 6 * 24 + 4 * 16)  # 4 images x 4 channels of 8x8 outputs.
+  assert [line.split() for line in result.stdout.splitlines()] == [['0', f'{sums:.1f}'], ['1', f'{sums:.1f}']]
+
+
+@needs_onednn_jaxlib
+@pytest.mark.slow
+def test_a_train_step_with_onednn_convolutions_equals_eigen(convolutions):
+  """The tiny U-Net's train step (dropout, attention, class labels) updates the parameters alike, to float32
+  rounding, with its convolutions on oneDNN and on Eigen; its program has oneDNN's calls."""
+  from diffusion_jax import experiment, train  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.model.dropout, config.training.batch_size = 0.1, 8
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32), 'label': rng.integers(0, 10, 8, np.int32)}
+  params, calls = {}, {}
+  for library in ('eigen', 'onednn'):
+    convolutions(library)
+    exp = experiment.build(config.copy_and_resolve_references())
+    step = train.make_train_step(exp)
+    sharded = train.shard_batch(batch, exp.mesh, exp.grad_accum_steps)
+    calls[library] = step.whole.lower(exp.abstract_state, sharded, jax.random.key(1)).compile().as_text().count(ONEDNN_CALL)
+    state, _ = step(exp.init_state(jax.random.key(0)), sharded, jax.random.key(1))
+    params[library] = state.params
+  assert calls['eigen'] == 0 and calls['onednn'] > 0, calls
+  for a, b in zip(*(jax.tree.leaves(p) for p in params.values())):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@needs_onednn_jaxlib
+def test_onednn_convolutions_count_their_flops_as_xla_does(convolutions):
+  """perf.cost_flops of a lowered or compiled program counts a oneDNN convolution as XLA's cost analysis counts
+  it on Eigen: 2 x batch 2 x 5 output x 4 input features x the 12 x 20 (output, kernel) position pairs of its
+  height and width that read the input, not its padding."""
+  from diffusion_jax import perf  # pylint: disable=g-import-not-at-top
+  conv = lambda x, w: jnp.sin(jax.lax.conv_general_dilated(x, w, (2, 1), ((0, 1), (2, 2)), rhs_dilation=(1, 2),
+                                                           dimension_numbers=('NCHW', 'OIHW', 'NCHW')))
+  counts = {}
+  for library in ('eigen', 'onednn'):
+    convolutions(library)
+    lowered = jax.jit(conv).lower(jnp.ones((2, 4, 9, 8)), jnp.ones((5, 4, 3, 3)))
+    assert lowered.compile().as_text().count(ONEDNN_CALL) == (library == 'onednn')
+    counts[library] = perf.cost_flops(lowered), perf.cost_flops(lowered.compile())
+  assert counts['eigen'] == counts['onednn'] == (2 * 2 * 5 * 4 * 12 * 20,) * 2
