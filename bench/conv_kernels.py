@@ -213,6 +213,7 @@ def main(argv):
   configs = {name: harness.load_config(name) for name in FLAGS.models}
   for name, config in configs.items():
     config.training.batch_size = FLAGS.batch
+    config.cpu_convolutions = FLAGS.cpu_convolutions or config.cpu_convolutions
     if config.model.dtype != 'float32':
       raise app.UsageError(f'configs/{name}.py computes in {config.model.dtype}; this measures float32 only.')
   for setting in ('cpu_scheduler', 'cpu_convolutions'):
@@ -226,7 +227,6 @@ def main(argv):
                          '--torch_python=none for the JAX columns only.')
   settings = next(iter(configs.values())).copy_and_resolve_references()
   settings.num_cpu_devices = 1  # One device, as one shard of a train step runs its convolutions.
-  settings.cpu_convolutions = FLAGS.cpu_convolutions or settings.cpu_convolutions
   xla_cpu.set_flags(settings)  # The train step's XLA:CPU settings.
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -273,7 +273,7 @@ def main(argv):
       f'- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}',
       f'- machine: {machine}',
       f'- JAX {jax.__version__} on {device.platform} ({device.device_kind}), XLA_FLAGS: '
-      f'`{os.environ.get("XLA_FLAGS", "")}`, cpu_convolutions={settings.cpu_convolutions}'
+      f'`{os.environ.get("XLA_FLAGS", "")}`, convolutions on {xla_cpu.convolutions()}'
       + (f'; PyTorch {worker.hello["torch"]} on {torch_device}, {FLAGS.threads} threads, NCHW'
          if worker else '; PyTorch: not run (--torch_python=none)'),
       f'- batch {FLAGS.batch}, float32, no bias; per pass the median of {FLAGS.calls} calls back to back, then '
@@ -282,7 +282,7 @@ def main(argv):
   print(text)
   results_lib.write(FLAGS.out_dir, 'conv_kernels', text, {
       'machine': machine, 'jax': jax.__version__, 'device_kind': device.device_kind,
-      'xla_flags': os.environ.get('XLA_FLAGS', ''), 'cpu_convolutions': settings.cpu_convolutions,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''), 'cpu_convolutions': xla_cpu.convolutions(),
       'torch_device': torch_device if worker else None,
       'batch': FLAGS.batch, 'models': figures})
 

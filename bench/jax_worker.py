@@ -120,6 +120,7 @@ class JaxBench:
     reply.update(
         params=params, flops=flops, compile_seconds=compile_seconds, num_devices=mesh.size,
         platform=device.platform, device_kind=device.device_kind, jax_version=jax.__version__,
+        xla_flags=os.environ.get('XLA_FLAGS', ''), cpu_convolutions=xla_cpu.convolutions(),
         image_size=size, channels=channels, ema_decay=config.training.ema_decay,
         alphas_cumprod=np.asarray(schedule.alphas_cumprod, np.float64).tolist(),
         betas=np.asarray(schedule.betas, np.float64).tolist(),

@@ -140,7 +140,8 @@ def measure(name: str, config, op: str, batch: int, log_dir: str) -> dict:
       w.close()
   result = dict(model=name, op=label, batch=batch, params=built['params'], flops=built['flops'],
                 num_devices=built['num_devices'], platform=built['platform'], device_kind=built['device_kind'],
-                jax_version=built['jax_version'], torch_hello=torch_side.hello,
+                jax_version=built['jax_version'], xla_flags=built['xla_flags'],
+                cpu_convolutions=built['cpu_convolutions'], torch_hello=torch_side.hello,
                 torch_device=torch_built['device'], compile_seconds=built['compile_seconds'],
                 jax_build_seconds=jax_build_seconds, torch_build_seconds=torch_build_seconds, times=times,
                 foreign_cpu=foreign)
@@ -191,6 +192,8 @@ def report(results: list[dict], command: str, started: str, machine: str) -> str
            f'{", ".join(sorted({str(r["num_devices"]) for r in results}))}; PyTorch {first["torch_hello"]["torch"]} '
            f'on {first["torch_device"]}, torch.set_num_threads({FLAGS.threads}); diffusers '
            f'{first["torch_hello"]["diffusers"]}; compute dtype {FLAGS.dtype}',
+           *([] if accelerator else [f'- XLA:CPU: XLA_FLAGS `{first["xla_flags"]}`, convolutions on '
+                                     f'{first["cpu_convolutions"]}']),
            f'- {FLAGS.warmup} warm-up and {FLAGS.repeats} timed calls per side, alternating JAX then PyTorch, '
            f'each timed call right after {FLAGS.lead_calls} untimed call(s) of its own side; medians; fresh worker '
            'processes per row']

@@ -19,8 +19,8 @@ def get_config():
   # concurrency_optimized. Ignored on accelerators.
   config.cpu_scheduler = 'memory_optimized'
   # The library of the convolutions on the CPU: onednn (the model's and their input gradients with oneDNN, the
-  # rest with Eigen; jaxlib 0.10 only, else all Eigen) | eigen (JAX's own lowering). Same results to float
-  # rounding; docs/performance.md. Ignored on accelerators.
+  # rest with Eigen; jaxlib 0.10 on x86-64, else all Eigen; programs with them skip compilation_cache_dir) |
+  # eigen (JAX's own lowering). Same results to float rounding; docs/performance.md. Ignored on accelerators.
   config.cpu_convolutions = 'onednn'
   # Compiled programs are kept here, so that a restart (resume, sample, eval) does not compile again.
   config.compilation_cache_dir = '~/.cache/diffusion_jax/jax'

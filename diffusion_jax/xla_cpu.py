@@ -19,10 +19,13 @@ import functools
 import json
 import math
 import os
+import platform
 import re
+import warnings
 
 from absl import logging
 import jax
+import numpy as np
 
 from diffusion_jax import perf
 from diffusion_jax import runtime
@@ -59,31 +62,32 @@ BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 # Convolutions compiled for the CPU (config.cpu_convolutions). 'onednn': those with a kernel no larger than their
 # output, no input dilation and one group (the model's and their input gradients), float32, on one device or per
 # device under shard_map, run as XLA:CPU's own oneDNN custom call; all others, and every convolution with
-# 'eigen', keep JAX's lowering (Eigen's kernels). oneDNN's forward and input gradient take 0.6-0.9x Eigen's time
-# on the AMD EPYC (AVX-512) of docs/performance.md; Eigen's kernel gradient is as fast as oneDNN's. XLA:CPU runs
-# the call (jaxlib 0.10) but no flag of it emits one, and its configuration is XLA's internal format: it is only
-# emitted for the jaxlibs it was checked on (tests/test_xla_cpu.py).
+# 'eigen', keep JAX's lowering (Eigen's kernels). oneDNN's forward and input gradient take 0.5-0.9x Eigen's time
+# on the AMD EPYC (AVX-512) of docs/performance.md. XLA:CPU runs the call (jaxlib 0.10, x86-64) but no flag of it
+# emits one, and its configuration is XLA's internal format: it is only emitted for the jaxlibs and machines it
+# was checked on (tests/test_xla_cpu.py), and `tune` checks it against a reference before the first step. XLA
+# cannot serialize a program with the call, so such programs skip the persistent compilation cache.
 CONVOLUTIONS = ('onednn', 'eigen')
 ONEDNN_CONVOLUTION = '__onednn$convolution'
 ONEDNN_JAXLIB_VERSIONS = ((0, 10), (0, 11))  # [first, last) jaxlib versions whose XLA:CPU runs ONEDNN_CONVOLUTION.
+ONEDNN_MACHINES = ('x86_64', 'amd64')  # platform.machine(), lower case: XLA builds oneDNN for x86-64 only.
+# JAX's warning for each program with the call that the persistent compilation cache cannot store.
+CACHE_WRITE_WARNING = r'Error writing persistent compilation cache entry for .*: MemoryError: std::bad_alloc'
 _onednn_convolutions = False  # Read by the lowering rule when a program for the CPU is lowered.
 
 
-def _jaxlib_in(versions: tuple[tuple[int, int], tuple[int, int]]) -> bool:
+def jaxlib_in(versions: tuple[tuple[int, int], tuple[int, int]]) -> bool:
+  """Whether the installed jaxlib's (major, minor) is in [first, last) of `versions`."""
   import jaxlib.version  # pylint: disable=g-import-not-at-top
   first, last = versions
   return first <= tuple(int(part) for part in jaxlib.version.__version__.split('.')[:2]) < last
-
-
-def _jaxlib_takes_ynn_flag() -> bool:
-  return _jaxlib_in(YNN_FLAG_JAXLIB_VERSIONS)
 
 
 def xla_flags(scheduler: str) -> list[str]:
   """The flags this module adds to XLA_FLAGS for `scheduler`, leaving out options the user set there."""
   if scheduler not in SCHEDULERS:
     raise ConfigError(f'Unknown cpu_scheduler {scheduler!r}; choose one of {", ".join(SCHEDULERS)}.')
-  ours = [YNN_FLAG] if _jaxlib_takes_ynn_flag() else []
+  ours = [YNN_FLAG] if jaxlib_in(YNN_FLAG_JAXLIB_VERSIONS) else []
   if scheduler != 'default':
     ours.append(f'--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_{scheduler.upper()}')
   user = {flag.split('=')[0].lstrip('-') for flag in os.environ.get('XLA_FLAGS', '').split()}
@@ -115,20 +119,28 @@ def set_flags(config) -> None:
 
 def set_convolutions(library: str) -> bool:
   """Lowers the convolutions compiled for the CPU from now on with `library` (CONVOLUTIONS); False where 'onednn'
-  was asked and this jaxlib is not one it was checked on (Eigen then). A change clears JAX's caches, so that
-  jitted functions compile again with it."""
+  was asked and this jaxlib or machine is not one it was checked on (Eigen then). A change clears JAX's caches,
+  so that jitted functions compile again with it."""
   global _onednn_convolutions
   if library not in CONVOLUTIONS:
     raise ConfigError(f'Unknown cpu_convolutions {library!r}; choose one of {", ".join(CONVOLUTIONS)}.')
-  onednn = library == 'onednn' and _jaxlib_in(ONEDNN_JAXLIB_VERSIONS)
+  known = jaxlib_in(ONEDNN_JAXLIB_VERSIONS) and platform.machine().lower() in ONEDNN_MACHINES
+  onednn = library == 'onednn' and known
   if onednn != _onednn_convolutions:
     jax.clear_caches()
   _onednn_convolutions = onednn
-  if _onednn_convolutions:
+  if onednn:
     _register_convolution_lowering()
+    warnings.filterwarnings('ignore', message=CACHE_WRITE_WARNING)  # Said once, below, instead of per program.
+    logging.info('XLA:CPU: convolutions on oneDNN; programs with them skip the persistent compilation cache.')
   elif library == 'onednn':
-    logging.info('XLA:CPU: convolutions on Eigen; oneDNN is only used with jaxlib 0.10.')
-  return _onednn_convolutions
+    logging.info('XLA:CPU: convolutions on Eigen; oneDNN is only used with jaxlib 0.10 on x86-64.')
+  return onednn
+
+
+def convolutions() -> str:
+  """The library of the convolutions compiled for the CPU from now on: 'onednn' or 'eigen'."""
+  return 'onednn' if _onednn_convolutions else 'eigen'
 
 
 @functools.cache  # Registered once per process; set_convolutions switches it on and off.
@@ -140,39 +152,20 @@ def _register_convolution_lowering() -> None:
 
   def rule(ctx, lhs, rhs, **params):
     if _onednn_convolutions and _onednn_runs(ctx, **params):
+      _count_onednn_flops()
       return _onednn_convolution(ctx, lhs, rhs, **params)
     return jax_rule(ctx, lhs, rhs, **params)
 
   mlir.register_lowering(convolution.conv_general_dilated_p, rule, platform='cpu')
+
+
+@functools.cache  # Once, when the first call is emitted.
+def _count_onednn_flops() -> None:
   perf.UNCOUNTED_FLOPS.append(onednn_convolution_flops)
 
 
-# A oneDNN convolution in HLO text: its result and input shapes and its configuration (_onednn_convolution's).
-_ONEDNN_LINE = re.compile(r'= f32\[([\d,]+)\]\S* custom-call\(.*custom_call_target="__onednn\$convolution", '
-                          r'operand_layout_constraints=\{f32\[([\d,]+)\]\S*, f32\[[\d,]+\]\S*\}.*'
-                          r'backend_config=(\{.*\})$', re.MULTILINE)
-
-
-def onednn_convolution_flops(hlo_text: str) -> float:
-  """FLOPs of the oneDNN convolutions in `hlo_text`, counted as XLA counts a convolution (2 per multiply-add of
-  an input element, padding left out), plus the 1 that XLA's cost analysis takes off for each such call."""
-  total = 0.0
-  for out, lhs, config in _ONEDNN_LINE.findall(hlo_text):
-    out, lhs = ([int(n) for n in shape.split(',')] for shape in (out, lhs))
-    config = json.loads(config)['onednnConvConfig']
-    window, spatial = config['window'], [int(d) for d in config['input']['data']['spatialDims']]
-    taps = 1  # (output position, kernel position) pairs that read an input element, over all spatial dimensions.
-    for i, size in enumerate(int(n) for n in window['size']):
-      stride, dilation, low = (int(window[key][i]) for key in ('strides', 'windowDilations', 'padLeft'))
-      out_size, in_size = out[int(config['output']['data']['spatialDims'][i])], lhs[spatial[i]]
-      taps *= sum(0 <= o * stride + k * dilation - low < in_size for o in range(out_size) for k in range(size))
-    batch, features = out[int(config['output']['data']['batchDim'])], out[int(config['output']['data']['featureDim'])]
-    total += 2.0 * batch * features * lhs[int(config['input']['data']['featureDim'])] * taps + 1.0
-  return total
-
-
-def _onednn_runs(ctx, *, lhs_dilation, dimension_numbers, feature_group_count, batch_group_count,
-                 preferred_element_type, padding, **unused) -> bool:
+def _onednn_runs(ctx, *, lhs_dilation, dimension_numbers, feature_group_count, batch_group_count, padding,
+                 **unused) -> bool:
   """Whether oneDNN takes this convolution: see CONVOLUTIONS."""
   from jax._src import sharding_impls  # pylint: disable=g-import-not-at-top
   (lhs, rhs), (out,) = ctx.avals_in, ctx.avals_out
@@ -183,9 +176,8 @@ def _onednn_runs(ctx, *, lhs_dilation, dimension_numbers, feature_group_count, b
   window = [rhs.shape[d] for d in dimension_numbers.rhs_spec[2:]]
   output = [out.shape[d] for d in dimension_numbers.out_spec[2:]]
   return (on_one_device and len(window) == 2 and lhs.dtype == rhs.dtype == out.dtype == jax.numpy.float32
-          and preferred_element_type in (None, jax.numpy.float32) and feature_group_count == batch_group_count == 1
-          and all(d == 1 for d in lhs_dilation) and all(low >= 0 and high >= 0 for low, high in padding)
-          and all(w <= o for w, o in zip(window, output)))
+          and feature_group_count == batch_group_count == 1 and all(d == 1 for d in lhs_dilation)
+          and all(low >= 0 and high >= 0 for low, high in padding) and all(w <= o for w, o in zip(window, output)))
 
 
 def _onednn_convolution(ctx, lhs, rhs, *, window_strides, padding, rhs_dilation, dimension_numbers, **unused):
@@ -212,6 +204,55 @@ def _onednn_convolution(ctx, lhs, rhs, *, window_strides, padding, rhs_dilation,
   return call.results
 
 
+# A oneDNN convolution in HLO text: its result and input shapes and its configuration (_onednn_convolution's).
+_ONEDNN_LINE = re.compile(r'= f32\[([\d,]+)\]\S* custom-call\(.*custom_call_target="__onednn\$convolution", '
+                          r'operand_layout_constraints=\{f32\[([\d,]+)\]\S*, f32\[[\d,]+\]\S*\}.*'
+                          r'backend_config=(\{.*\})$', re.MULTILINE)
+
+
+def onednn_convolution_flops(hlo_text: str) -> float:
+  """FLOPs of the oneDNN convolutions in `hlo_text`, counted as XLA counts a convolution (2 per multiply-add of
+  an input element, padding left out), plus the 1 that XLA's cost analysis takes off for each such call.
+
+  Each call is counted once as written: in conditionals (XLA counts the costlier branch) or in functions called
+  from several places the count differs from XLA's for the same program on Eigen.
+  """
+  calls = _ONEDNN_LINE.findall(hlo_text)
+  if len(calls) != hlo_text.count(f'custom_call_target="{ONEDNN_CONVOLUTION}"'):
+    raise ValueError(f'A {ONEDNN_CONVOLUTION} call in this HLO is not in the form xla_cpu._ONEDNN_LINE reads.')
+  total = 0.0
+  for out, lhs, config in calls:
+    out, lhs = ([int(n) for n in shape.split(',')] for shape in (out, lhs))
+    config = json.loads(config)['onednnConvConfig']
+    window, spatial = config['window'], [int(d) for d in config['input']['data']['spatialDims']]
+    taps = 1  # (output position, kernel position) pairs that read an input element, over all spatial dimensions.
+    for i, size in enumerate(int(n) for n in window['size']):
+      stride, dilation, low = (int(window[key][i]) for key in ('strides', 'windowDilations', 'padLeft'))
+      out_size, in_size = out[int(config['output']['data']['spatialDims'][i])], lhs[spatial[i]]
+      taps *= sum(0 <= o * stride + k * dilation - low < in_size for o in range(out_size) for k in range(size))
+    batch, features = out[int(config['output']['data']['batchDim'])], out[int(config['output']['data']['featureDim'])]
+    total += 2.0 * batch * features * lhs[int(config['input']['data']['featureDim'])] * taps + 1.0
+  return total
+
+
+def _onednn_agrees_with_a_reference() -> bool:
+  """Whether a convolution lowered to oneDNN (strided, dilated, asymmetric padding, NCHW) runs and equals a
+  sum of NumPy dots over slices of its input."""
+  rng = np.random.default_rng(0)
+  x, w = rng.normal(size=(2, 3, 9, 8)).astype(np.float32), rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+  strides, padding, dilation = (2, 1), ((0, 1), (2, 1)), (1, 2)
+  numbers = ('NCHW', 'OIHW', 'NCHW')
+  program = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
+                                                              dimension_numbers=numbers)).lower(x, w).compile()
+  if f'custom_call_target="{ONEDNN_CONVOLUTION}"' not in program.as_text():
+    return False
+  got = np.asarray(program(x, w))
+  x = np.pad(x, ((0, 0), (0, 0), *padding))
+  expected = sum(np.einsum('nchw,oc->nohw', x[:, :, i * dilation[0]::strides[0], j * dilation[1]::strides[1]]
+                           [:, :, :got.shape[2], :got.shape[3]], w[:, :, i, j]) for i in range(3) for j in range(3))
+  return got.shape == expected.shape and np.allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def micro_batches(batch_size: int, num_devices: int) -> int:
   """Micro-batches of CPU_MICRO_BATCH per device when the per-device batch is a multiple of it above twice it."""
   per_device = batch_size // num_devices
@@ -221,13 +262,17 @@ def micro_batches(batch_size: int, num_devices: int) -> int:
 
 
 def tune(config) -> None:
-  """On the CPU backend: resolves training.grad_accum_steps = 0 to `micro_batches`, compiles the samplers
-  without YNNPACK fusions, and trims the C heap after each large compilation. Does nothing on GPUs and TPUs.
-  Call after jax.distributed is initialized."""
+  """On the CPU backend: checks oneDNN's convolutions against a reference (Eigen's where they differ or fail),
+  resolves training.grad_accum_steps = 0 to `micro_batches`, compiles the samplers without YNNPACK fusions,
+  and trims the C heap after each large compilation. Does nothing on GPUs and TPUs. Call after
+  jax.distributed is initialized."""
   if jax.default_backend() != 'cpu':
     return
+  if _onednn_convolutions and not _onednn_agrees_with_a_reference():
+    logging.warning('XLA:CPU: a oneDNN convolution did not give the reference values; convolutions on Eigen.')
+    set_convolutions('eigen')
   user = {flag.split('=')[0].lstrip('-') for flag in os.environ.get('XLA_FLAGS', '').split() if flag != YNN_FLAG}
-  if _jaxlib_takes_ynn_flag() and YNN_FUSION_OPTION not in user:
+  if jaxlib_in(YNN_FLAG_JAXLIB_VERSIONS) and YNN_FUSION_OPTION not in user:
     runtime.INFERENCE_COMPILER_OPTIONS[YNN_FUSION_OPTION] = ''
   if config.training.grad_accum_steps == 0:
     config.training.grad_accum_steps = micro_batches(config.training.batch_size, jax.device_count())
