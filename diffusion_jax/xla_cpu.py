@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import re
-import warnings
 
 from absl import logging
 import jax
@@ -66,14 +65,14 @@ BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 # on the AMD EPYC (AVX-512) of docs/performance.md. XLA:CPU runs the call (jaxlib 0.10, x86-64) but no flag of it
 # emits one, and its configuration is XLA's internal format: it is only emitted for the jaxlibs and machines it
 # was checked on (tests/test_xla_cpu.py), and `tune` checks it against a reference before the first step. XLA
-# cannot serialize a program with the call, so such programs skip the persistent compilation cache.
+# cannot serialize a program with the call (JAX's attempt to cache one fails, or crashes the process), so 'onednn'
+# turns JAX's persistent compilation cache off; hence 'eigen' by default.
 CONVOLUTIONS = ('onednn', 'eigen')
 ONEDNN_CONVOLUTION = '__onednn$convolution'
 ONEDNN_JAXLIB_VERSIONS = ((0, 10), (0, 11))  # [first, last) jaxlib versions whose XLA:CPU runs ONEDNN_CONVOLUTION.
 ONEDNN_MACHINES = ('x86_64', 'amd64')  # platform.machine(), lower case: XLA builds oneDNN for x86-64 only.
-# JAX's warning for each program with the call that the persistent compilation cache cannot store.
-CACHE_WRITE_WARNING = r'Error writing persistent compilation cache entry for .*: MemoryError: std::bad_alloc'
 _onednn_convolutions = False  # Read by the lowering rule when a program for the CPU is lowered.
+_cache_turned_off = False  # Whether 'onednn' turned the persistent compilation cache off (back on with 'eigen').
 
 
 def jaxlib_in(versions: tuple[tuple[int, int], tuple[int, int]]) -> bool:
@@ -120,8 +119,8 @@ def set_flags(config) -> None:
 def set_convolutions(library: str) -> bool:
   """Lowers the convolutions compiled for the CPU from now on with `library` (CONVOLUTIONS); False where 'onednn'
   was asked and this jaxlib or machine is not one it was checked on (Eigen then). A change clears JAX's caches,
-  so that jitted functions compile again with it."""
-  global _onednn_convolutions
+  so that jitted functions compile again with it; 'onednn' turns the persistent compilation cache off."""
+  global _onednn_convolutions, _cache_turned_off
   if library not in CONVOLUTIONS:
     raise ConfigError(f'Unknown cpu_convolutions {library!r}; choose one of {", ".join(CONVOLUTIONS)}.')
   known = jaxlib_in(ONEDNN_JAXLIB_VERSIONS) and platform.machine().lower() in ONEDNN_MACHINES
@@ -131,10 +130,15 @@ def set_convolutions(library: str) -> bool:
   _onednn_convolutions = onednn
   if onednn:
     _register_convolution_lowering()
-    warnings.filterwarnings('ignore', message=CACHE_WRITE_WARNING)  # Said once, below, instead of per program.
-    logging.info('XLA:CPU: convolutions on oneDNN; programs with them skip the persistent compilation cache.')
-  elif library == 'onednn':
-    logging.info('XLA:CPU: convolutions on Eigen; oneDNN is only used with jaxlib 0.10 on x86-64.')
+    _cache_turned_off = _cache_turned_off or jax.config.jax_enable_compilation_cache
+    jax.config.update('jax_enable_compilation_cache', False)
+    logging.info('XLA:CPU: convolutions on oneDNN; no persistent compilation cache (XLA cannot store them).')
+  else:
+    if _cache_turned_off:
+      jax.config.update('jax_enable_compilation_cache', True)
+      _cache_turned_off = False
+    if library == 'onednn':
+      logging.info('XLA:CPU: convolutions on Eigen; oneDNN is only used with jaxlib 0.10 on x86-64.')
   return onednn
 
 
