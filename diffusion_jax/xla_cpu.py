@@ -24,6 +24,7 @@ import re
 
 from absl import logging
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 
 from diffusion_jax import perf
@@ -132,10 +133,12 @@ def set_convolutions(library: str) -> bool:
     _register_convolution_lowering()
     _cache_turned_off = _cache_turned_off or jax.config.jax_enable_compilation_cache
     jax.config.update('jax_enable_compilation_cache', False)
+    compilation_cache.reset_cache()  # JAX decides once whether to use the cache; this makes it decide again.
     logging.info('XLA:CPU: convolutions on oneDNN; no persistent compilation cache (XLA cannot store them).')
   else:
     if _cache_turned_off:
       jax.config.update('jax_enable_compilation_cache', True)
+      compilation_cache.reset_cache()
       _cache_turned_off = False
     if library == 'onednn':
       logging.info('XLA:CPU: convolutions on Eigen; oneDNN is only used with jaxlib 0.10 on x86-64.')
