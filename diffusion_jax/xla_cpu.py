@@ -70,6 +70,7 @@ BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 # turns JAX's persistent compilation cache off; hence 'eigen' by default.
 CONVOLUTIONS = ('onednn', 'eigen')
 ONEDNN_CONVOLUTION = '__onednn$convolution'
+ONEDNN_CALL = f'custom_call_target="{ONEDNN_CONVOLUTION}"'  # How HLO text names the call.
 ONEDNN_JAXLIB_VERSIONS = ((0, 10), (0, 11))  # [first, last) jaxlib versions whose XLA:CPU runs ONEDNN_CONVOLUTION.
 ONEDNN_MACHINES = ('x86_64', 'amd64')  # platform.machine(), lower case: XLA builds oneDNN for x86-64 only.
 _onednn_convolutions = False  # Read by the lowering rule when a program for the CPU is lowered.
@@ -212,7 +213,7 @@ def _onednn_convolution(ctx, lhs, rhs, *, window_strides, padding, rhs_dilation,
 
 
 # A oneDNN convolution in HLO text: its result and input shapes and its configuration (_onednn_convolution's).
-_ONEDNN_LINE = re.compile(r'= f32\[([\d,]+)\]\S* custom-call\(.*custom_call_target="__onednn\$convolution", '
+_ONEDNN_LINE = re.compile(r'= f32\[([\d,]+)\]\S* custom-call\(.*' + re.escape(ONEDNN_CALL) + ', '
                           r'operand_layout_constraints=\{f32\[([\d,]+)\]\S*, f32\[[\d,]+\]\S*\}.*'
                           r'backend_config=(\{.*\})$', re.MULTILINE)
 
@@ -225,7 +226,7 @@ def onednn_convolution_flops(hlo_text: str) -> float:
   from several places the count differs from XLA's for the same program on Eigen.
   """
   calls = _ONEDNN_LINE.findall(hlo_text)
-  if len(calls) != hlo_text.count(f'custom_call_target="{ONEDNN_CONVOLUTION}"'):
+  if len(calls) != hlo_text.count(ONEDNN_CALL):
     raise ValueError(f'A {ONEDNN_CONVOLUTION} call in this HLO is not in the form xla_cpu._ONEDNN_LINE reads.')
   total = 0.0
   for out, lhs, config in calls:
@@ -251,7 +252,7 @@ def _onednn_agrees_with_a_reference() -> bool:
   numbers = ('NCHW', 'OIHW', 'NCHW')
   program = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
                                                               dimension_numbers=numbers)).lower(x, w).compile()
-  if f'custom_call_target="{ONEDNN_CONVOLUTION}"' not in program.as_text():
+  if ONEDNN_CALL not in program.as_text():
     return False
   got = np.asarray(program(x, w))
   x = np.pad(x, ((0, 0), (0, 0), *padding))

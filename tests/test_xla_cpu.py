@@ -30,7 +30,7 @@ ONEDNN_KNOWN = (xla_cpu.jaxlib_in(xla_cpu.ONEDNN_JAXLIB_VERSIONS)
                 and platform.machine().lower() in xla_cpu.ONEDNN_MACHINES)
 needs_onednn = pytest.mark.skipif(not ONEDNN_KNOWN, reason=f'oneDNN convolutions are emitted with jaxlib 0.10 on '
                                   f'x86-64 only, not {jaxlib.version.__version__} on {platform.machine()}')
-ONEDNN_CALL = f'custom_call_target="{xla_cpu.ONEDNN_CONVOLUTION}"'
+ONEDNN_CALL = xla_cpu.ONEDNN_CALL
 
 
 def run_python(code: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
