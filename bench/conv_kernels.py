@@ -6,7 +6,7 @@
 Convolutions are most of a train step on a CPU (docs/performance.md). For each distinct convolution of a
 config's U-Net (read from the jaxpr of its forward: input and kernel shapes, strides, padding) this times its
 forward, input gradient and kernel gradient in JAX, in this process with the train step's XLA:CPU settings
-(xla_cpu.set_flags: flags and the library of the convolutions, --cpu_convolutions), and in PyTorch in a
+(xla_cpu.set_flags: flags; xla_cpu.tune: the library of the convolutions, --cpu_convolutions), and in PyTorch in a
 worker process (bench/torch_worker.py's protocol; NCHW float32 as diffusers runs, conv2d and aten's
 convolution_backward), alternating JAX and PyTorch per convolution, --rounds times; medians. Then it sums
 them over the network as a train step runs them (every forward and kernel gradient, every input gradient but
@@ -236,6 +236,7 @@ def main(argv):
       env = dict(os.environ, OMP_NUM_THREADS=str(FLAGS.threads))
       worker = Worker('pytorch', [FLAGS.torch_python, os.path.abspath(__file__), '--torch_worker'], env,
                       tempfile.mkdtemp(prefix='conv_kernels_'))
+    xla_cpu.tune(settings)  # The library of the convolutions, on the CPU.
     torch_device = FLAGS.torch_device
     if torch_device == 'auto':
       torch_device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'

@@ -6,10 +6,10 @@ rounding), and nothing applies on GPUs or TPUs; deleting this module and those t
 program that is slower and larger on CPUs. What it sets:
 - XLA_FLAGS (read by XLA:CPU only): convolutions off YNNPACK for the jaxlibs that take the flag, and the
   op scheduler (config.cpu_scheduler);
-- the library of the convolutions compiled for the CPU (config.cpu_convolutions): oneDNN for those it runs
-  faster than Eigen (a lowering rule for the CPU platform only; `set_convolutions`);
 - the number of JAX devices the host CPU is split into (config.num_cpu_devices);
-- on the CPU backend: micro-batches of CPU_MICRO_BATCH per device when training.grad_accum_steps is 0
+- on the CPU backend: the library of the convolutions (config.cpu_convolutions; by default oneDNN for those
+  it runs faster than Eigen where the CPU has AVX-512: a lowering rule for the CPU platform only,
+  `set_convolutions`); micro-batches of CPU_MICRO_BATCH per device when training.grad_accum_steps is 0
   (automatic); the samplers compiled without YNNPACK fusions (runtime.INFERENCE_COMPILER_OPTIONS); the C
   heap's free pages handed back to the OS after each large compilation.
 What each buys, measured: docs/performance.md.
@@ -62,13 +62,15 @@ BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 # Convolutions compiled for the CPU (config.cpu_convolutions). 'onednn': those with a kernel no larger than their
 # output, no input dilation and one group (the model's and their input gradients), float32, on one device or per
 # device under shard_map, run as XLA:CPU's own oneDNN custom call; all others, and every convolution with
-# 'eigen', keep JAX's lowering (Eigen's kernels). oneDNN's forward and input gradient take 0.5-0.9x Eigen's time
-# on the AMD EPYC (AVX-512) of docs/performance.md. XLA:CPU runs the call (jaxlib 0.10, x86-64) but no flag of it
-# emits one, and its configuration is XLA's internal format: it is only emitted for the jaxlibs and machines it
-# was checked on (tests/test_xla_cpu.py), and `tune` checks it against a reference before the first step. XLA
-# cannot serialize a program with the call (JAX's attempt to cache one fails, or crashes the process), so 'onednn'
-# turns JAX's persistent compilation cache off; hence 'eigen' by default.
-CONVOLUTIONS = ('onednn', 'eigen')
+# 'eigen', keep JAX's lowering (Eigen's kernels). 'auto': 'onednn' on CPUs with AVX-512, where oneDNN's forward
+# and input gradient take 0.5-0.9x Eigen's time and a train step 0.91-0.94x (the AMD EPYC of
+# docs/performance.md), 'eigen' elsewhere (limited to AVX2, the step was within the noise of Eigen's: not worth
+# the cache it costs, below). XLA:CPU runs the call (jaxlib 0.10, x86-64) but no flag of it emits one, and its
+# configuration is XLA's internal format: it is only emitted for the jaxlibs and machines it was checked on
+# (tests/test_xla_cpu.py), and `tune` checks it against a reference before the first step. XLA cannot serialize
+# a program with the call (JAX's attempt to cache one fails, or crashes the process), so oneDNN turns JAX's
+# persistent compilation cache off: every program compiles anew in each process.
+CONVOLUTIONS = ('auto', 'onednn', 'eigen')
 ONEDNN_CONVOLUTION = '__onednn$convolution'
 ONEDNN_CALL = f'custom_call_target="{ONEDNN_CONVOLUTION}"'  # How HLO text names the call.
 ONEDNN_JAXLIB_VERSIONS = ((0, 10), (0, 11))  # [first, last) jaxlib versions whose XLA:CPU runs ONEDNN_CONVOLUTION.
@@ -103,7 +105,9 @@ def set_flags(config) -> None:
   XLA_FLAGS set by the user take precedence, --xla_force_host_platform_device_count included.
   """
   ours = xla_flags(config.cpu_scheduler)
-  set_convolutions(config.cpu_convolutions)
+  if config.cpu_convolutions not in CONVOLUTIONS:
+    raise ConfigError(f'Unknown cpu_convolutions {config.cpu_convolutions!r}; choose one of '
+                      f'{", ".join(CONVOLUTIONS)}.')
   os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''), *ours]).strip()
   if 'xla_force_host_platform_device_count' in os.environ['XLA_FLAGS']:
     return
@@ -119,14 +123,14 @@ def set_flags(config) -> None:
 
 
 def set_convolutions(library: str) -> bool:
-  """Lowers the convolutions compiled for the CPU from now on with `library` (CONVOLUTIONS); False where 'onednn'
-  was asked and this jaxlib or machine is not one it was checked on (Eigen then). A change clears JAX's caches,
-  so that jitted functions compile again with it; 'onednn' turns the persistent compilation cache off."""
+  """Lowers the convolutions compiled for the CPU from now on with `library` (CONVOLUTIONS); whether that is
+  oneDNN: not where this jaxlib or machine is not one it was checked on (Eigen then). A change clears JAX's
+  caches, so that jitted functions compile again with it; oneDNN turns the persistent compilation cache off."""
   global _onednn_convolutions, _cache_turned_off
   if library not in CONVOLUTIONS:
     raise ConfigError(f'Unknown cpu_convolutions {library!r}; choose one of {", ".join(CONVOLUTIONS)}.')
   known = jaxlib_in(ONEDNN_JAXLIB_VERSIONS) and platform.machine().lower() in ONEDNN_MACHINES
-  onednn = library == 'onednn' and known
+  onednn = known and (library == 'onednn' or library == 'auto' and cpu_has_avx512())
   if onednn != _onednn_convolutions:
     jax.clear_caches()
   _onednn_convolutions = onednn
@@ -141,9 +145,19 @@ def set_convolutions(library: str) -> bool:
       jax.config.update('jax_enable_compilation_cache', True)
       compilation_cache.reset_cache()
       _cache_turned_off = False
-    if library == 'onednn':
-      logging.info('XLA:CPU: convolutions on Eigen; oneDNN is only used with jaxlib 0.10 on x86-64.')
+    if library != 'eigen':
+      logging.info('XLA:CPU: convolutions on Eigen (cpu_convolutions=%s: oneDNN only with jaxlib 0.10 on x86-64%s).',
+                   library, ', and for auto with AVX-512' if library == 'auto' else '')
   return onednn
+
+
+def cpu_has_avx512() -> bool:
+  """Whether the host CPU has AVX-512 (avx512f among /proc/cpuinfo's flags; False where there is none)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      return any(line.startswith('flags') and 'avx512f' in line.split() for line in f)
+  except OSError:
+    return False
 
 
 def convolutions() -> str:
@@ -270,13 +284,13 @@ def micro_batches(batch_size: int, num_devices: int) -> int:
 
 
 def tune(config) -> None:
-  """On the CPU backend: checks oneDNN's convolutions against a reference (Eigen's where they differ or fail),
-  resolves training.grad_accum_steps = 0 to `micro_batches`, compiles the samplers without YNNPACK fusions,
-  and trims the C heap after each large compilation. Does nothing on GPUs and TPUs. Call after
-  jax.distributed is initialized."""
+  """On the CPU backend: the library of the convolutions (config.cpu_convolutions; oneDNN checked against a
+  reference first, Eigen where it differs or fails), training.grad_accum_steps = 0 resolved to `micro_batches`,
+  the samplers compiled without YNNPACK fusions, the C heap trimmed after each large compilation. Does nothing
+  on GPUs and TPUs. Call after jax.distributed is initialized, before anything is compiled."""
   if jax.default_backend() != 'cpu':
     return
-  if _onednn_convolutions and not _onednn_agrees_with_a_reference():
+  if set_convolutions(config.cpu_convolutions) and not _onednn_agrees_with_a_reference():
     logging.warning('XLA:CPU: a oneDNN convolution did not give the reference values; convolutions on Eigen.')
     set_convolutions('eigen')
   user = {flag.split('=')[0].lstrip('-') for flag in os.environ.get('XLA_FLAGS', '').split() if flag != YNN_FLAG}

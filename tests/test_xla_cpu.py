@@ -5,6 +5,7 @@ know jaxlib 0.10-0.11 (oneDNN: 0.10) and skip with a reason on other versions.
 """
 import os
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -19,7 +20,6 @@ from configs import default
 from configs.tiny import get_config as tiny_config
 from diffusion_jax import xla_cpu
 from diffusion_jax.checks import ConfigError
-from diffusion_jax.xla_cpu import CONVOLUTIONS
 
 MEMORY_SCHEDULER_FLAG = '--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'
 KNOWN_JAXLIB = xla_cpu.jaxlib_in(xla_cpu.YNN_FLAG_JAXLIB_VERSIONS)
@@ -57,16 +57,19 @@ def test_xla_flags(monkeypatch, user_flags, jaxlib_version, scheduler, expected)
   config.cpu_scheduler = scheduler
   config.num_cpu_devices = 1
   monkeypatch.setattr(jax.config, 'update', lambda *args: None)  # The backend of this process has started.
-  monkeypatch.setattr(xla_cpu, 'set_convolutions', lambda library: None)  # Not the flags; tested below.
   xla_cpu.set_flags(config)
   assert os.environ['XLA_FLAGS'] == expected
 
 
-def test_unknown_cpu_scheduler_is_refused_before_any_flag_is_set(monkeypatch):
+@pytest.mark.parametrize('setting, value, message', [
+    ('cpu_scheduler', 'memory', r"Unknown cpu_scheduler 'memory'; choose one of default, memory_optimized, "),
+    ('cpu_convolutions', 'mkl', r"Unknown cpu_convolutions 'mkl'; choose one of auto, onednn, eigen\.$"),
+])
+def test_unknown_cpu_settings_are_refused_before_any_flag_is_set(monkeypatch, setting, value, message):
   monkeypatch.setenv('XLA_FLAGS', '')
   config = default.get_config()
-  config.cpu_scheduler = 'memory'
-  with pytest.raises(ConfigError, match=r"Unknown cpu_scheduler 'memory'; choose one of default, memory_optimized, "):
+  config[setting] = value
+  with pytest.raises(ConfigError, match=message):
     xla_cpu.set_flags(config)
   assert os.environ['XLA_FLAGS'] == ''
 
@@ -328,26 +331,64 @@ def test_convolutions_that_onednn_does_not_take_keep_jax_lowering(convolutions, 
 
 
 def test_unknown_cpu_convolutions_are_refused_and_unknown_jaxlibs_keep_eigen(convolutions, monkeypatch):
-  with pytest.raises(ConfigError, match=r"Unknown cpu_convolutions 'mkl'; choose one of onednn, eigen\.$"):
+  with pytest.raises(ConfigError, match=r"Unknown cpu_convolutions 'mkl'; choose one of auto, onednn, eigen\.$"):
     convolutions('mkl')
+  monkeypatch.setattr(xla_cpu, 'cpu_has_avx512', lambda: True)
   for version, machine in (('0.11.0', 'x86_64'), ('0.10.2', 'aarch64')):
     monkeypatch.setattr(jaxlib.version, '__version__', version)
     monkeypatch.setattr(platform, 'machine', lambda machine=machine: machine)
     assert not convolutions('onednn')
+    assert not convolutions('auto')
     conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     assert ONEDNN_CALL not in jax.jit(conv).lower(jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))).compile().as_text()
   monkeypatch.undo()
 
 
 @needs_onednn
+@pytest.mark.parametrize('avx512', [True, False])
+def test_auto_convolutions_are_onednn_where_the_cpu_has_avx512(convolutions, monkeypatch, avx512):
+  monkeypatch.setattr(xla_cpu, 'cpu_has_avx512', lambda: avx512)
+  assert convolutions('auto') == avx512
+  assert xla_cpu.convolutions() == ('onednn' if avx512 else 'eigen')
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/cpuinfo') or shutil.which('lscpu') is None, reason='Linux with lscpu')
+def test_avx512_is_read_as_lscpu_reads_it():
+  flags = subprocess.run(['lscpu'], capture_output=True, text=True, check=True, env={'LC_ALL': 'C'}).stdout
+  flags = next(line for line in flags.splitlines() if line.startswith('Flags:')).split()
+  assert xla_cpu.cpu_has_avx512() == ('avx512f' in flags)
+
+
+def tiny_config_with(convolutions):
+  config = tiny_config()
+  config.cpu_convolutions = convolutions
+  return config
+
+
+def test_tune_leaves_accelerators_alone(convolutions, monkeypatch):
+  """On a GPU or TPU backend tune sets nothing: the convolutions' library, the persistent compilation cache and
+  the automatic micro-batches stay as they were."""
+  convolutions('eigen')
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  cache = jax.config.jax_enable_compilation_cache
+  config = tiny_config_with('onednn')
+  config.training.grad_accum_steps = 0
+  xla_cpu.tune(config)
+  assert (xla_cpu.convolutions(), jax.config.jax_enable_compilation_cache, config.training.grad_accum_steps) == \
+      ('eigen', cache, 0)
+
+
+@needs_onednn
 def test_tune_checks_onednn_and_falls_back_to_eigen(convolutions, monkeypatch):
-  """tune keeps oneDNN where its check against NumPy passes (here), and turns to Eigen where it does not."""
-  convolutions('onednn')
-  assert xla_cpu._onednn_agrees_with_a_reference()  # pylint: disable=protected-access
-  xla_cpu.tune(tiny_config())
+  """tune sets the config's library, keeps oneDNN where its check against NumPy passes (here), and turns to Eigen
+  where it does not."""
+  xla_cpu.tune(tiny_config_with('onednn'))
   assert xla_cpu.convolutions() == 'onednn'
+  assert xla_cpu._onednn_agrees_with_a_reference()  # pylint: disable=protected-access
+  xla_cpu.tune(tiny_config_with('eigen'))
+  assert xla_cpu.convolutions() == 'eigen'
   monkeypatch.setattr(xla_cpu, '_onednn_agrees_with_a_reference', lambda: False)
-  xla_cpu.tune(tiny_config())
+  xla_cpu.tune(tiny_config_with('onednn'))
   assert xla_cpu.convolutions() == 'eigen'
   conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   assert ONEDNN_CALL not in jax.jit(conv).lower(jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))).compile().as_text()
@@ -359,6 +400,7 @@ from diffusion_jax import xla_cpu
 config = default.get_config()
 config.num_cpu_devices, config.cpu_convolutions = 2, 'onednn'
 xla_cpu.set_flags(config)
+xla_cpu.tune(config)
 import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -396,6 +438,7 @@ from diffusion_jax import xla_cpu
 config = default.get_config()
 config.num_cpu_devices, config.cpu_convolutions = 1, sys.argv[1]
 xla_cpu.set_flags(config)
+xla_cpu.tune(config)
 import jax, jax.numpy as jnp
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
@@ -411,7 +454,7 @@ print(total, sum(name.startswith('jit__lambda') for name in os.listdir(cache)), 
 def test_onednn_convolutions_turn_the_compilation_cache_off():
   """XLA cannot serialize a program with a oneDNN call (JAX's attempt fails or crashes), so with 'onednn' no
   program is written to the persistent cache and nothing warns; with Eigen the same program is cached."""
-  runs = {library: run_python(ONEDNN_AND_THE_CACHE, library, env={'XLA_FLAGS': ''}) for library in CONVOLUTIONS}
+  runs = {library: run_python(ONEDNN_AND_THE_CACHE, library, env={'XLA_FLAGS': ''}) for library in ('onednn', 'eigen')}
   for library, result in runs.items():
     assert result.returncode == 0, (library, result.stderr[-2000:])
   total = 4 * (36 * 36 + 4 * 6 * 24 + 4 * 16)
@@ -431,7 +474,7 @@ def test_a_train_step_with_onednn_convolutions_equals_eigen(convolutions):
   rng = np.random.default_rng(0)
   batch = {'image': rng.uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32), 'label': rng.integers(0, 10, 8, np.int32)}
   results, calls = {}, {}
-  for library in CONVOLUTIONS:
+  for library in ('onednn', 'eigen'):
     convolutions(library)
     exp = experiment.build(config.copy_and_resolve_references())
     step = train.make_train_step(exp)
@@ -461,7 +504,7 @@ def test_onednn_convolutions_count_their_flops_as_xla_does(convolutions):
   conv = lambda x, w: jnp.sin(jax.lax.conv_general_dilated(x, w, (2, 1), ((0, 1), (2, 2)), rhs_dilation=(1, 2),
                                                            dimension_numbers=('NCHW', 'OIHW', 'NCHW')))
   counts = {}
-  for library in CONVOLUTIONS:
+  for library in ('onednn', 'eigen'):
     convolutions(library)
     lowered = jax.jit(conv).lower(jnp.ones((2, 4, 9, 8)), jnp.ones((5, 4, 3, 3)))
     assert lowered.compile().as_text().count(ONEDNN_CALL) == (library == 'onednn')
