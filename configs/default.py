@@ -20,7 +20,7 @@ def get_config():
   config.cpu_scheduler = 'memory_optimized'
   # The library of the convolutions on the CPU: auto (onednn where the CPU has AVX-512, else eigen) | eigen (JAX's
   # own lowering) | onednn (the model's convolutions and their input gradients with oneDNN through an XLA-internal
-  # call, the rest with Eigen; jaxlib 0.10 on x86-64, else all Eigen): a CIFAR-10 train step ~6-10% faster on an
+  # call, the rest with Eigen; jaxlib 0.10 on x86-64, else all Eigen): a train step 6-9% faster on an
   # AVX-512 CPU, but no compilation_cache_dir, as XLA cannot store such programs. Same results to float rounding;
   # docs/performance.md. Ignored on accelerators.
   config.cpu_convolutions = 'auto'

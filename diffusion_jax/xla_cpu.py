@@ -123,9 +123,10 @@ def set_flags(config) -> None:
 
 
 def set_convolutions(library: str) -> bool:
-  """Lowers the convolutions compiled for the CPU from now on with `library` (CONVOLUTIONS); whether that is
-  oneDNN: not where this jaxlib or machine is not one it was checked on (Eigen then). A change clears JAX's
-  caches, so that jitted functions compile again with it; oneDNN turns the persistent compilation cache off."""
+  """Lowers the convolutions compiled for the CPU from now on with `library` (CONVOLUTIONS; 'auto': oneDNN where
+  the CPU has AVX-512); returns whether that is oneDNN, which it only is with the jaxlibs and machines it was
+  checked on (Eigen elsewhere). A change clears JAX's caches, so that jitted functions compile again with it;
+  oneDNN turns the persistent compilation cache off."""
   global _onednn_convolutions, _cache_turned_off
   if library not in CONVOLUTIONS:
     raise ConfigError(f'Unknown cpu_convolutions {library!r}; choose one of {", ".join(CONVOLUTIONS)}.')
@@ -139,7 +140,8 @@ def set_convolutions(library: str) -> bool:
     _cache_turned_off = _cache_turned_off or jax.config.jax_enable_compilation_cache
     jax.config.update('jax_enable_compilation_cache', False)
     compilation_cache.reset_cache()  # JAX decides once whether to use the cache; this makes it decide again.
-    logging.info('XLA:CPU: convolutions on oneDNN; no persistent compilation cache (XLA cannot store them).')
+    logging.info('XLA:CPU: convolutions on oneDNN (cpu_convolutions=%s); no persistent compilation cache (XLA cannot '
+                 'store them).', library)
   else:
     if _cache_turned_off:
       jax.config.update('jax_enable_compilation_cache', True)
