@@ -20,11 +20,12 @@ def get_config():
   config.cpu_scheduler = 'memory_optimized'
   # The library of the convolutions on the CPU: auto (onednn where the CPU has AVX-512, else eigen) | eigen (JAX's
   # own lowering) | onednn (the model's convolutions and their input gradients with oneDNN through an XLA-internal
-  # call, the rest with Eigen; jaxlib 0.10 on x86-64, else all Eigen): a train step 6-9% faster on an
-  # AVX-512 CPU, but no compilation_cache_dir, as XLA cannot store such programs. Same results to float rounding;
-  # docs/performance.md. Ignored on accelerators.
+  # call, the rest with Eigen; jaxlib 0.10 on x86-64, else all Eigen): a train step 6-9% faster on the AVX-512
+  # AMD EPYC measured, but no compilation_cache_dir, as XLA cannot store such programs. Same results to float
+  # rounding; docs/performance.md. Ignored on accelerators.
   config.cpu_convolutions = 'auto'
-  # Compiled programs are kept here, so that a restart (resume, sample, eval) does not compile again.
+  # Compiled programs are kept here, so that a restart (resume, sample, eval) does not compile again (not with
+  # oneDNN's convolutions on the CPU: cpu_convolutions above).
   config.compilation_cache_dir = '~/.cache/diffusion_jax/jax'
 
   config.data = ml_collections.ConfigDict()

@@ -105,9 +105,7 @@ def set_flags(config) -> None:
   XLA_FLAGS set by the user take precedence, --xla_force_host_platform_device_count included.
   """
   ours = xla_flags(config.cpu_scheduler)
-  if config.cpu_convolutions not in CONVOLUTIONS:
-    raise ConfigError(f'Unknown cpu_convolutions {config.cpu_convolutions!r}; choose one of '
-                      f'{", ".join(CONVOLUTIONS)}.')
+  _check_convolutions(config.cpu_convolutions)  # Applied by tune, on the CPU backend only.
   os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''), *ours]).strip()
   if 'xla_force_host_platform_device_count' in os.environ['XLA_FLAGS']:
     return
@@ -128,8 +126,7 @@ def set_convolutions(library: str) -> bool:
   checked on (Eigen elsewhere). A change clears JAX's caches, so that jitted functions compile again with it;
   oneDNN turns the persistent compilation cache off."""
   global _onednn_convolutions, _cache_turned_off
-  if library not in CONVOLUTIONS:
-    raise ConfigError(f'Unknown cpu_convolutions {library!r}; choose one of {", ".join(CONVOLUTIONS)}.')
+  _check_convolutions(library)
   known = jaxlib_in(ONEDNN_JAXLIB_VERSIONS) and platform.machine().lower() in ONEDNN_MACHINES
   onednn = known and (library == 'onednn' or library == 'auto' and cpu_has_avx512())
   if onednn != _onednn_convolutions:
@@ -151,6 +148,11 @@ def set_convolutions(library: str) -> bool:
       logging.info('XLA:CPU: convolutions on Eigen (cpu_convolutions=%s: oneDNN only with jaxlib 0.10 on x86-64%s).',
                    library, ', and for auto with AVX-512' if library == 'auto' else '')
   return onednn
+
+
+def _check_convolutions(library: str) -> None:
+  if library not in CONVOLUTIONS:
+    raise ConfigError(f'Unknown cpu_convolutions {library!r}; choose one of {", ".join(CONVOLUTIONS)}.')
 
 
 def cpu_has_avx512() -> bool:

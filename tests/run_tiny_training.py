@@ -25,6 +25,7 @@ def main(workdir, out, num_steps='4', grad_accum_steps='1'):
   config.training.num_train_steps = int(num_steps)
   config.training.grad_accum_steps = int(grad_accum_steps)
   config.sampling.batch_size = 8  # Divisible by up to 8 devices.
+  xla_cpu.tune(config)
   state = train.train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
     flat = {f'{kind}/{jax.tree_util.keystr(path)}': np.asarray(leaf)
