@@ -248,6 +248,12 @@ def slices_and_dots_conv(x, w, strides, padding, dilation):
              for i in range(kh) for j in range(kw))
 
 
+def a_convolution_compiles_to_onednn() -> bool:
+  """Whether a 3x3 'SAME' NHWC convolution jitted now has oneDNN's call."""
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return ONEDNN_CALL in jax.jit(conv).lower(jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))).compile().as_text()
+
+
 def value_and_grads(conv):
   return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w))), argnums=(0, 1)))
 
@@ -338,8 +344,7 @@ def test_unknown_cpu_convolutions_are_refused_and_unknown_jaxlibs_keep_eigen(con
     monkeypatch.setattr(platform, 'machine', lambda machine=machine: machine)
     assert not convolutions('onednn')
     assert not convolutions('auto')
-    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    assert ONEDNN_CALL not in jax.jit(conv).lower(jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))).compile().as_text()
+    assert not a_convolution_compiles_to_onednn()
   monkeypatch.undo()
 
 
@@ -402,8 +407,7 @@ def test_tune_checks_onednn_and_falls_back_to_eigen(convolutions, monkeypatch):
   monkeypatch.setattr(xla_cpu, '_onednn_agrees_with_a_reference', lambda: False)
   xla_cpu.tune(tiny_config_with('onednn'))
   assert xla_cpu.convolutions() == 'eigen'
-  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  assert ONEDNN_CALL not in jax.jit(conv).lower(jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))).compile().as_text()
+  assert not a_convolution_compiles_to_onednn()
 
 
 ONEDNN_ON_DEVICES = """
