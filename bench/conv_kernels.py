@@ -6,7 +6,7 @@
 Convolutions are most of a train step on a CPU (docs/performance.md). For each distinct convolution of a
 config's U-Net (read from the jaxpr of its forward: input and kernel shapes, strides, padding) this times its
 forward, input gradient and kernel gradient in JAX, in this process with the train step's XLA:CPU settings
-(xla_cpu.set_flags: flags; xla_cpu.tune: the library of the convolutions, --cpu_convolutions), and in PyTorch in a
+(xla_cpu.set_flags: flags; xla_cpu.tune: the kernels of the convolutions, --cpu_kernels), and in PyTorch in a
 worker process (bench/torch_worker.py's protocol; NCHW float32 as diffusers runs, conv2d and aten's
 convolution_backward), alternating JAX and PyTorch per convolution, --rounds times; medians. Then it sums
 them over the network as a train step runs them (every forward and kernel gradient, every input gradient but
@@ -103,8 +103,8 @@ flags.DEFINE_integer('threads', 2, 'torch.set_num_threads of the PyTorch worker.
 flags.DEFINE_string('torch_python', '/tmp/torchenv/bin/python',
                     "Python of the side environment with torch ('none': the JAX columns only).")
 flags.DEFINE_enum('torch_device', 'auto', ['auto', 'cpu', 'cuda'], "auto: cuda where JAX runs on a GPU, else cpu.")
-flags.DEFINE_enum('cpu_convolutions', None, xla_cpu.CONVOLUTIONS,
-                  "Library of JAX's convolutions on the CPU (default: the configs' cpu_convolutions).")
+flags.DEFINE_enum('cpu_kernels', None, xla_cpu.CPU_KERNELS,
+                  "Kernels of JAX's convolutions on the CPU (default: the configs' cpu_kernels).")
 flags.DEFINE_string('out_dir', results_lib.DEFAULT_DIR, "Folder for conv_kernels.md and .json ('' for none).")
 
 
@@ -213,10 +213,10 @@ def main(argv):
   configs = {name: harness.load_config(name) for name in FLAGS.models}
   for name, config in configs.items():
     config.training.batch_size = FLAGS.batch
-    config.cpu_convolutions = FLAGS.cpu_convolutions or config.cpu_convolutions
+    config.cpu_kernels = FLAGS.cpu_kernels or config.cpu_kernels
     if config.model.dtype != 'float32':
       raise app.UsageError(f'configs/{name}.py computes in {config.model.dtype}; this measures float32 only.')
-  for setting in ('cpu_scheduler', 'cpu_convolutions'):
+  for setting in ('cpu_scheduler', 'cpu_kernels'):
     values = {config[setting] for config in configs.values()}
     if len(values) > 1:
       raise app.UsageError(f'The configs ask for different {setting} ({sorted(values)}); measure them in '
@@ -274,7 +274,7 @@ def main(argv):
       f'- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}',
       f'- machine: {machine}',
       f'- JAX {jax.__version__} on {device.platform} ({device.device_kind}), XLA_FLAGS: '
-      f'`{os.environ.get("XLA_FLAGS", "")}`, convolutions on {xla_cpu.convolutions()}'
+      f'`{os.environ.get("XLA_FLAGS", "")}`, convolutions on {xla_cpu.kernels()}'
       + (f'; PyTorch {worker.hello["torch"]} on {torch_device}, {FLAGS.threads} threads, NCHW'
          if worker else '; PyTorch: not run (--torch_python=none)'),
       f'- batch {FLAGS.batch}, float32, no bias; per pass the median of {FLAGS.calls} calls back to back, then '
@@ -283,7 +283,7 @@ def main(argv):
   print(text)
   results_lib.write(FLAGS.out_dir, 'conv_kernels', text, {
       'machine': machine, 'jax': jax.__version__, 'device_kind': device.device_kind,
-      'xla_flags': os.environ.get('XLA_FLAGS', ''), 'cpu_convolutions': xla_cpu.convolutions(),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''), 'cpu_kernels': xla_cpu.kernels(),
       'torch_device': torch_device if worker else None,
       'batch': FLAGS.batch, 'models': figures})
 

@@ -6,7 +6,7 @@ The protocol is bench/torch_worker.py's: {"ok": true, "hello": {...}} first, the
 
   build    {"op": "build", "model": configs/ name, "op_name": "train"|"forward"|"ddim"|"dpm++2m"|"ddpm", "batch",
             "sample_steps", "grad_accum_steps", "dtype", "seed", "num_cpu_devices"?, "cpu_scheduler"?,
-            "cpu_convolutions"?, "overrides"?: {"section.key": value}}
+            "cpu_kernels"?, "overrides"?: {"section.key": value}}
            -> {"params", "flops" (per call, all devices), "compile_seconds", "platform", "device_kind", ...}
   run      {"op": "run", "calls"?: n} -> {"seconds": s} for n calls in a row (the last one waited for).
   reset_peak / memory / quit.
@@ -39,7 +39,7 @@ class JaxBench:
     config.model.dtype = r['dtype']
     if r.get('num_cpu_devices') is not None:
       config.num_cpu_devices = r['num_cpu_devices']
-    for key in ('cpu_scheduler', 'cpu_convolutions'):
+    for key in ('cpu_scheduler', 'cpu_kernels'):
       if r.get(key) is not None:
         config[key] = r[key]
     for key, value in r.get('overrides', {}).items():  # 'model.remat': True, ...
@@ -120,7 +120,7 @@ class JaxBench:
     reply.update(
         params=params, flops=flops, compile_seconds=compile_seconds, num_devices=mesh.size,
         platform=device.platform, device_kind=device.device_kind, jax_version=jax.__version__,
-        xla_flags=os.environ.get('XLA_FLAGS', ''), cpu_convolutions=xla_cpu.convolutions(),
+        xla_flags=os.environ.get('XLA_FLAGS', ''), cpu_kernels=xla_cpu.kernels(),
         image_size=size, channels=channels, ema_decay=config.training.ema_decay,
         alphas_cumprod=np.asarray(schedule.alphas_cumprod, np.float64).tolist(),
         betas=np.asarray(schedule.betas, np.float64).tolist(),

@@ -55,8 +55,8 @@ flags.DEFINE_integer('num_cpu_devices', None, 'JAX CPU devices (default: the con
                      'per core dividing the batch). Ignored on accelerators.')
 flags.DEFINE_enum('cpu_scheduler', None, xla_cpu.SCHEDULERS,
                   'XLA:CPU op scheduler of the JAX side (default: the config\'s cpu_scheduler).')
-flags.DEFINE_enum('cpu_convolutions', None, xla_cpu.CONVOLUTIONS,
-                  'Library of the JAX side\'s convolutions on the CPU (default: the config\'s cpu_convolutions).')
+flags.DEFINE_enum('cpu_kernels', None, xla_cpu.CPU_KERNELS, 'Kernels of the JAX side\'s convolutions and matrix '
+                  'products on the CPU (default: the config\'s cpu_kernels).')
 flags.DEFINE_integer('grad_accum_steps', 0, 'training.grad_accum_steps of the JAX train step: the same update from '
                      'this many micro-batches; 0: the project\'s automatic choice (on a CPU, micro-batches of 16 for '
                      'per-device batches that are multiples of 16 above 32), 1: the whole batch. The PyTorch '
@@ -93,7 +93,7 @@ def measure(name: str, config, op: str, batch: int, log_dir: str) -> dict:
     start = time.perf_counter()
     built = jax_side.call('build', model=name, batch=batch, op_name=OP_NAMES[op], sample_steps=FLAGS.sample_steps,
                           num_cpu_devices=FLAGS.num_cpu_devices, cpu_scheduler=FLAGS.cpu_scheduler,
-                          cpu_convolutions=FLAGS.cpu_convolutions, dtype=FLAGS.dtype,
+                          cpu_kernels=FLAGS.cpu_kernels, dtype=FLAGS.dtype,
                           grad_accum_steps=FLAGS.grad_accum_steps if op == 'train' else 1,
                           seed=FLAGS.seed)
     jax_build_seconds = time.perf_counter() - start
@@ -141,7 +141,7 @@ def measure(name: str, config, op: str, batch: int, log_dir: str) -> dict:
   result = dict(model=name, op=label, batch=batch, params=built['params'], flops=built['flops'],
                 num_devices=built['num_devices'], platform=built['platform'], device_kind=built['device_kind'],
                 jax_version=built['jax_version'], xla_flags=built['xla_flags'],
-                cpu_convolutions=built['cpu_convolutions'], torch_hello=torch_side.hello,
+                cpu_kernels=built['cpu_kernels'], torch_hello=torch_side.hello,
                 torch_device=torch_built['device'], compile_seconds=built['compile_seconds'],
                 jax_build_seconds=jax_build_seconds, torch_build_seconds=torch_build_seconds, times=times,
                 foreign_cpu=foreign)
@@ -192,8 +192,8 @@ def report(results: list[dict], command: str, started: str, machine: str) -> str
            f'{", ".join(sorted({str(r["num_devices"]) for r in results}))}; PyTorch {first["torch_hello"]["torch"]} '
            f'on {first["torch_device"]}, torch.set_num_threads({FLAGS.threads}); diffusers '
            f'{first["torch_hello"]["diffusers"]}; compute dtype {FLAGS.dtype}',
-           *([] if accelerator else [f'- XLA:CPU: XLA_FLAGS `{first["xla_flags"]}`, convolutions on '
-                                     f'{first["cpu_convolutions"]}']),
+           *([] if accelerator else [f'- XLA:CPU: XLA_FLAGS `{first["xla_flags"]}`, convolutions and matrix products '
+                                     f'on {first["cpu_kernels"]}']),
            f'- {FLAGS.warmup} warm-up and {FLAGS.repeats} timed calls per side, alternating JAX then PyTorch, '
            f'each timed call right after {FLAGS.lead_calls} untimed call(s) of its own side; medians; fresh worker '
            'processes per row']

@@ -18,14 +18,14 @@ def get_config():
   # for the MNIST-scale and CIFAR-10 models, 3% slower for the demo's; docs/performance.md) | default |
   # concurrency_optimized. Ignored on accelerators.
   config.cpu_scheduler = 'memory_optimized'
-  # The library of the convolutions on the CPU: auto (onednn where the CPU has AVX-512, else eigen) | eigen (JAX's
-  # own lowering) | onednn (the model's convolutions and their input gradients with oneDNN through an XLA-internal
-  # call, the rest with Eigen; jaxlib 0.10 on x86-64, else all Eigen): a train step 6-9% faster on the AVX-512
-  # AMD EPYC measured, but no compilation_cache_dir, as XLA cannot store such programs. Same results to float
-  # rounding; docs/performance.md. Ignored on accelerators.
-  config.cpu_convolutions = 'auto'
+  # The kernels of the convolutions and matrix products on the CPU: auto (onednn where the CPU has AVX-512, else
+  # xla) | xla (XLA's own: Eigen, YNNPACK) | onednn (the model's convolutions, their input gradients and its larger
+  # matrix products with oneDNN through XLA-internal calls, the rest with XLA's; jaxlib 0.10 on x86-64, else all
+  # XLA's): a train step 7-9% faster on the AVX-512 AMD EPYC measured, but no compilation_cache_dir, as XLA
+  # cannot store such programs. Same results to float rounding; docs/performance.md. Ignored on accelerators.
+  config.cpu_kernels = 'auto'
   # Compiled programs are kept here, so that a restart (resume, sample, eval) does not compile again (not with
-  # oneDNN's convolutions on the CPU: cpu_convolutions above).
+  # oneDNN's kernels on the CPU: cpu_kernels above).
   config.compilation_cache_dir = '~/.cache/diffusion_jax/jax'
 
   config.data = ml_collections.ConfigDict()

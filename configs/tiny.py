@@ -10,8 +10,8 @@ def get_config():
   config = default.get_config()
   config.diffusion.loss_weighting = 'none'  # Ho et al.'s L_simple (the demo's default is min_snr).
   config.optim.lr_decay = 'constant'  # Ho et al. (the demo's default is cosine).
-  # Eigen, whose programs the persistent compilation cache can keep (tests share one); oneDNN saves nothing here.
-  config.cpu_convolutions = 'eigen'
+  # XLA's kernels, whose programs the persistent compilation cache can keep (tests share one); oneDNN's cannot.
+  config.cpu_kernels = 'xla'
   config.data.image_size = 8
   config.model.ch = 8
   config.model.ch_mult = (1, 2)

@@ -34,7 +34,7 @@ def peak_flops(device_kind: str, dtype: str, peak_tflops: float = 0.0) -> float 
 
 
 # FLOPs that XLA's cost analysis cannot see (custom calls that a backend module emits), each a function of the
-# program's HLO text; xla_cpu adds oneDNN's convolutions.
+# program's HLO text; xla_cpu adds oneDNN's convolutions and matrix products.
 UNCOUNTED_FLOPS: list[Callable[[str], float]] = []
 
 

@@ -1,4 +1,5 @@
-"""The XLA:CPU module: its flags, device count, micro-batches and convolutions, and that the core runs without it.
+"""The XLA:CPU module: its flags, device count, micro-batches, convolutions and dots, and that the core runs
+without it.
 
 The tests that look at XLA's compiled programs (YNNPACK fusions, the scheduler's peak, oneDNN's custom calls)
 know jaxlib 0.10-0.11 (oneDNN: 0.10) and skip with a reason on other versions.
@@ -28,9 +29,10 @@ needs_known_jaxlib = pytest.mark.skipif(not KNOWN_JAXLIB, reason=f'looks at XLA:
 
 ONEDNN_KNOWN = (xla_cpu.jaxlib_in(xla_cpu.ONEDNN_JAXLIB_VERSIONS)
                 and platform.machine().lower() in xla_cpu.ONEDNN_MACHINES)
-needs_onednn = pytest.mark.skipif(not ONEDNN_KNOWN, reason=f'oneDNN convolutions are emitted with jaxlib 0.10 on '
+needs_onednn = pytest.mark.skipif(not ONEDNN_KNOWN, reason=f'oneDNN calls are emitted with jaxlib 0.10 on '
                                   f'x86-64 only, not {jaxlib.version.__version__} on {platform.machine()}')
-ONEDNN_CALL = xla_cpu.ONEDNN_CALL
+ONEDNN_CALL = xla_cpu.onednn_call(xla_cpu.ONEDNN_CONVOLUTION)
+MATMUL_CALL = xla_cpu.onednn_call(xla_cpu.ONEDNN_MATMUL)
 
 
 def run_python(code: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -63,7 +65,7 @@ def test_xla_flags(monkeypatch, user_flags, jaxlib_version, scheduler, expected)
 
 @pytest.mark.parametrize('setting, value, message', [
     ('cpu_scheduler', 'memory', r"Unknown cpu_scheduler 'memory'; choose one of default, memory_optimized, "),
-    ('cpu_convolutions', 'mkl', r"Unknown cpu_convolutions 'mkl'; choose one of auto, onednn, eigen\.$"),
+    ('cpu_kernels', 'mkl', r"Unknown cpu_kernels 'mkl'; choose one of auto, onednn, xla\.$"),
 ])
 def test_unknown_cpu_settings_are_refused_before_any_flag_is_set(monkeypatch, setting, value, message):
   monkeypatch.setenv('XLA_FLAGS', '')
@@ -259,11 +261,11 @@ def value_and_grads(conv):
 
 
 @pytest.fixture
-def convolutions():
-  """xla_cpu.set_convolutions for the test; the library found before it afterwards."""
-  before = xla_cpu.convolutions()
-  yield xla_cpu.set_convolutions
-  xla_cpu.set_convolutions(before)
+def kernels():
+  """xla_cpu.set_kernels for the test; the kernels found before it afterwards."""
+  before = xla_cpu.kernels()
+  yield xla_cpu.set_kernels
+  xla_cpu.set_kernels(before)
 
 
 def in_layout(array, spec):
@@ -278,11 +280,11 @@ def in_layout(array, spec):
     ((2, 2), ((0, 1), (0, 1)), 1, 1),  # Its downsampling: the input gradient dilates its input, so Eigen.
     ((1, 2), ((2, 0), (1, 3)), 2, 1),  # Dilated kernel, unequal strides and padding.
 ])
-def test_onednn_convolutions_equal_slices_and_dots(convolutions, layout, strides, padding, dilation, onednn_calls):
-  """A convolution, its input and kernel gradients with cpu_convolutions='onednn' equal a sum of dots over slices
+def test_onednn_convolutions_equal_slices_and_dots(kernels, layout, strides, padding, dilation, onednn_calls):
+  """A convolution, its input and kernel gradients with cpu_kernels='onednn' equal a sum of dots over slices
   (to float32 rounding); the forward and the input gradients without input dilation run as oneDNN's custom call,
   the kernel gradient (a kernel larger than its output) on Eigen."""
-  assert convolutions('onednn')
+  assert kernels('onednn')
   x = jax.random.normal(jax.random.key(0), (2, 11, 10, 5))
   w = jax.random.normal(jax.random.key(1), (3, 3, 5, 7)) * 0.3
   numbers = (layout, 'HWIO' if layout == 'NHWC' else 'OIHW', layout)
@@ -303,12 +305,12 @@ def grouped_conv(x, w, groups, padding):
 
 
 @needs_onednn
-@pytest.mark.parametrize('case', ['eigen', 'feature groups', 'bfloat16', 'negative padding', 'one spatial dimension'])
-def test_convolutions_that_onednn_does_not_take_keep_jax_lowering(convolutions, case):
-  """With cpu_convolutions='eigen', and for grouped (their gradients too: feature and batch groups), bfloat16,
+@pytest.mark.parametrize('case', ['xla', 'feature groups', 'bfloat16', 'negative padding', 'one spatial dimension'])
+def test_convolutions_that_onednn_does_not_take_keep_jax_lowering(kernels, case):
+  """With cpu_kernels='xla', and for grouped (their gradients too: feature and batch groups), bfloat16,
   cropping (negative padding) and 1-D convolutions, no oneDNN call is compiled; the values and gradients equal
   dots over slices."""
-  convolutions('eigen' if case == 'eigen' else 'onednn')
+  kernels('xla' if case == 'xla' else 'onednn')
   groups = 2 if case == 'feature groups' else 1
   dtype = jnp.bfloat16 if case == 'bfloat16' else jnp.float32
   padding = ((-1, 1), (1, 1)) if case == 'negative padding' else ((1, 1), (1, 1))
@@ -335,25 +337,25 @@ def test_convolutions_that_onednn_does_not_take_keep_jax_lowering(convolutions, 
                                atol=tolerance * 10)
 
 
-def test_unknown_cpu_convolutions_are_refused_and_unknown_jaxlibs_keep_eigen(convolutions, monkeypatch):
-  with pytest.raises(ConfigError, match=r"Unknown cpu_convolutions 'mkl'; choose one of auto, onednn, eigen\.$"):
-    convolutions('mkl')
+def test_unknown_cpu_kernels_are_refused_and_unknown_jaxlibs_keep_xla_kernels(kernels, monkeypatch):
+  with pytest.raises(ConfigError, match=r"Unknown cpu_kernels 'mkl'; choose one of auto, onednn, xla\.$"):
+    kernels('mkl')
   monkeypatch.setattr(xla_cpu, 'cpu_has_avx512', lambda: True)
   for version, machine in (('0.11.0', 'x86_64'), ('0.10.2', 'aarch64')):
     monkeypatch.setattr(jaxlib.version, '__version__', version)
     monkeypatch.setattr(platform, 'machine', lambda machine=machine: machine)
-    assert not convolutions('onednn')
-    assert not convolutions('auto')
+    assert not kernels('onednn')
+    assert not kernels('auto')
     assert not a_convolution_compiles_to_onednn()
   monkeypatch.undo()
 
 
 @needs_onednn
 @pytest.mark.parametrize('avx512', [True, False])
-def test_auto_convolutions_are_onednn_where_the_cpu_has_avx512(convolutions, monkeypatch, avx512):
+def test_auto_convolutions_are_onednn_where_the_cpu_has_avx512(kernels, monkeypatch, avx512):
   monkeypatch.setattr(xla_cpu, 'cpu_has_avx512', lambda: avx512)
-  assert convolutions('auto') == avx512
-  assert xla_cpu.convolutions() == ('onednn' if avx512 else 'eigen')
+  assert kernels('auto') == avx512
+  assert xla_cpu.kernels() == ('onednn' if avx512 else 'xla')
 
 
 @pytest.mark.skipif(not os.path.exists('/proc/cpuinfo') or shutil.which('lscpu') is None, reason='Linux with lscpu')
@@ -366,9 +368,9 @@ def test_avx512_is_read_as_lscpu_reads_it():
   assert xla_cpu.cpu_has_avx512() == ('avx512f' in flags[0])
 
 
-def tiny_config_with(convolutions):
+def tiny_config_with(kernels):
   config = tiny_config()
-  config.cpu_convolutions = convolutions
+  config.cpu_kernels = kernels
   return config
 
 
@@ -376,37 +378,37 @@ def test_set_flags_leaves_the_convolutions_and_the_cache_to_tune():
   """set_flags runs before the backend is known (it may be a GPU's): it neither chooses oneDNN nor turns the
   persistent compilation cache off; tune does, on the CPU backend."""
   code = ('from configs import default; from diffusion_jax import xla_cpu; c = default.get_config(); '
-          'c.num_cpu_devices, c.cpu_convolutions = 1, "onednn"; xla_cpu.set_flags(c); import jax; '
-          'print(xla_cpu.convolutions(), jax.config.jax_enable_compilation_cache)')
+          'c.num_cpu_devices, c.cpu_kernels = 1, "onednn"; xla_cpu.set_flags(c); import jax; '
+          'print(xla_cpu.kernels(), jax.config.jax_enable_compilation_cache)')
   result = run_python(code, env={'XLA_FLAGS': ''})
-  assert result.stdout.split() == ['eigen', 'True'], result.stderr[-2000:]
+  assert result.stdout.split() == ['xla', 'True'], result.stderr[-2000:]
 
 
-def test_tune_leaves_accelerators_alone(convolutions, monkeypatch):
+def test_tune_leaves_accelerators_alone(kernels, monkeypatch):
   """On a GPU or TPU backend tune sets nothing: the convolutions' library, the persistent compilation cache and
   the automatic micro-batches stay as they were."""
-  convolutions('eigen')
+  kernels('xla')
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   cache = jax.config.jax_enable_compilation_cache
   config = tiny_config_with('onednn')
   config.training.grad_accum_steps = 0
   xla_cpu.tune(config)
-  assert (xla_cpu.convolutions(), jax.config.jax_enable_compilation_cache, config.training.grad_accum_steps) == \
-      ('eigen', cache, 0)
+  assert (xla_cpu.kernels(), jax.config.jax_enable_compilation_cache, config.training.grad_accum_steps) == \
+      ('xla', cache, 0)
 
 
 @needs_onednn
-def test_tune_checks_onednn_and_falls_back_to_eigen(convolutions, monkeypatch):
+def test_tune_checks_onednn_and_falls_back_to_xla_kernels(kernels, monkeypatch):
   """tune sets the config's library, keeps oneDNN where its check against NumPy passes (here), and turns to Eigen
   where it does not."""
   xla_cpu.tune(tiny_config_with('onednn'))
-  assert xla_cpu.convolutions() == 'onednn'
+  assert xla_cpu.kernels() == 'onednn'
   assert xla_cpu._onednn_agrees_with_a_reference()  # pylint: disable=protected-access
-  xla_cpu.tune(tiny_config_with('eigen'))
-  assert xla_cpu.convolutions() == 'eigen'
+  xla_cpu.tune(tiny_config_with('xla'))
+  assert xla_cpu.kernels() == 'xla'
   monkeypatch.setattr(xla_cpu, '_onednn_agrees_with_a_reference', lambda: False)
   xla_cpu.tune(tiny_config_with('onednn'))
-  assert xla_cpu.convolutions() == 'eigen'
+  assert xla_cpu.kernels() == 'xla'
   assert not a_convolution_compiles_to_onednn()
 
 
@@ -414,7 +416,7 @@ ONEDNN_ON_DEVICES = """
 from configs import default
 from diffusion_jax import xla_cpu
 config = default.get_config()
-config.num_cpu_devices, config.cpu_convolutions = 2, 'onednn'
+config.num_cpu_devices, config.cpu_kernels = 2, 'onednn'
 xla_cpu.set_flags(config)
 xla_cpu.tune(config)
 import jax, jax.numpy as jnp
@@ -452,7 +454,7 @@ os.environ['JAX_COMPILATION_CACHE_DIR'] = cache = tempfile.mkdtemp()
 from configs import default
 from diffusion_jax import xla_cpu
 config = default.get_config()
-config.num_cpu_devices, config.cpu_convolutions = 1, sys.argv[1]
+config.num_cpu_devices, config.cpu_kernels = 1, sys.argv[1]
 xla_cpu.set_flags(config)
 xla_cpu.tune(config)
 import jax, jax.numpy as jnp
@@ -470,17 +472,17 @@ print(total, sum(name.startswith('jit__lambda') for name in os.listdir(cache)), 
 def test_onednn_convolutions_turn_the_compilation_cache_off():
   """XLA cannot serialize a program with a oneDNN call (JAX's attempt fails or crashes), so with 'onednn' no
   program is written to the persistent cache and nothing warns; with Eigen the same program is cached."""
-  runs = {library: run_python(ONEDNN_AND_THE_CACHE, library, env={'XLA_FLAGS': ''}) for library in ('onednn', 'eigen')}
+  runs = {library: run_python(ONEDNN_AND_THE_CACHE, library, env={'XLA_FLAGS': ''}) for library in ('onednn', 'xla')}
   for library, result in runs.items():
     assert result.returncode == 0, (library, result.stderr[-2000:])
   total = 4 * (36 * 36 + 4 * 6 * 24 + 4 * 16)
   assert runs['onednn'].stdout.split() == [f'{total:.1f}', '0', '0']
-  assert runs['eigen'].stdout.split() == [f'{total:.1f}', '1', '0']
+  assert runs['xla'].stdout.split() == [f'{total:.1f}', '1', '0']
 
 
 @needs_onednn
 @pytest.mark.slow
-def test_a_train_step_with_onednn_convolutions_equals_eigen(convolutions):
+def test_a_train_step_with_onednn_equals_xla_kernels(kernels):
   """Two train steps of the tiny U-Net (dropout, attention, class labels; the second with a learning rate above
   0) give the same loss, gradient norm and parameters, to float32 rounding, with its convolutions on oneDNN and
   on Eigen; its program has oneDNN's calls."""
@@ -490,8 +492,8 @@ def test_a_train_step_with_onednn_convolutions_equals_eigen(convolutions):
   rng = np.random.default_rng(0)
   batch = {'image': rng.uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32), 'label': rng.integers(0, 10, 8, np.int32)}
   results, calls = {}, {}
-  for library in ('onednn', 'eigen'):
-    convolutions(library)
+  for library in ('onednn', 'xla'):
+    kernels(library)
     exp = experiment.build(config.copy_and_resolve_references())
     step = train.make_train_step(exp)
     sharded = train.shard_batch(batch, exp.mesh, exp.grad_accum_steps)
@@ -502,8 +504,8 @@ def test_a_train_step_with_onednn_convolutions_equals_eigen(convolutions):
     for _ in range(2):  # The warmup's first learning rate is 0.
       state, metrics = step(state, sharded, jax.random.key(1))
     results[library] = (float(metrics['loss']), float(metrics['grad_norm']), state.params)
-  assert calls == {'onednn': calls['onednn'], 'eigen': 0} and calls['onednn'] > 0, calls
-  (loss, grad_norm, params), (eigen_loss, eigen_grad_norm, eigen_params) = results['onednn'], results['eigen']
+  assert calls == {'onednn': calls['onednn'], 'xla': 0} and calls['onednn'] > 0, calls
+  (loss, grad_norm, params), (eigen_loss, eigen_grad_norm, eigen_params) = results['onednn'], results['xla']
   assert loss == pytest.approx(eigen_loss, rel=1e-5) and grad_norm == pytest.approx(eigen_grad_norm, rel=1e-4)
   moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before))]
   assert max(moved) > 1e-4  # The second step updated the parameters.
@@ -512,7 +514,7 @@ def test_a_train_step_with_onednn_convolutions_equals_eigen(convolutions):
 
 
 @needs_onednn
-def test_onednn_convolutions_count_their_flops_as_xla_does(convolutions):
+def test_onednn_convolutions_count_their_flops_as_xla_does(kernels):
   """perf.cost_flops of a lowered or compiled program counts a oneDNN convolution as XLA's cost analysis counts
   it on Eigen: 2 x batch 2 x 5 output x 4 input features x the 12 x 20 (output, kernel) position pairs of its
   height and width that read the input, not its padding."""
@@ -520,9 +522,80 @@ def test_onednn_convolutions_count_their_flops_as_xla_does(convolutions):
   conv = lambda x, w: jnp.sin(jax.lax.conv_general_dilated(x, w, (2, 1), ((0, 1), (2, 2)), rhs_dilation=(1, 2),
                                                            dimension_numbers=('NCHW', 'OIHW', 'NCHW')))
   counts = {}
-  for library in ('onednn', 'eigen'):
-    convolutions(library)
+  for library in ('onednn', 'xla'):
+    kernels(library)
     lowered = jax.jit(conv).lower(jnp.ones((2, 4, 9, 8)), jnp.ones((5, 4, 3, 3)))
     assert lowered.compile().as_text().count(ONEDNN_CALL) == (library == 'onednn')
     counts[library] = perf.cost_flops(lowered), perf.cost_flops(lowered.compile())
-  assert counts['eigen'] == counts['onednn'] == (2 * 2 * 5 * 4 * 12 * 20,) * 2
+  assert counts['xla'] == counts['onednn'] == (2 * 2 * 5 * 4 * 12 * 20,) * 2
+
+
+def dense(x, w):
+  return jnp.einsum('bhwc,co->bhwo', x, w)
+
+
+def attention_logits(q, k):
+  return jnp.einsum('bic,bjc->bij', q, k)
+
+
+def transposed_product(a, b):
+  return jnp.einsum('bkm,bnk->bmn', a, b)
+
+
+@needs_onednn
+@pytest.mark.parametrize('product, spec, lhs_shape, rhs_shape', [
+    (dense, 'bhwc,co->bhwo', (4, 16, 16, 64), (64, 160)),  # A 1x1 projection; its gradients contract (b, h, w), o.
+    (attention_logits, 'bic,bjc->bij', (4, 64, 32), (4, 64, 32)),  # Batched; its gradients transpose an operand.
+    (transposed_product, 'bkm,bnk->bmn', (3, 48, 40), (3, 56, 48)),
+])
+def test_onednn_matmuls_equal_xla_dots(kernels, product, spec, lhs_shape, rhs_shape):
+  """A dot and its two gradients with cpu_kernels='onednn' run as oneDNN's matmul calls and equal XLA's dots (the
+  value also NumPy's float64 einsum) to float32 rounding."""
+  x = jax.random.normal(jax.random.key(0), lhs_shape)
+  w = jax.random.normal(jax.random.key(1), rhs_shape) * 0.3
+  results = {}
+  for library in ('onednn', 'xla'):
+    kernels(library)
+    program = value_and_grads(product)
+    assert program.lower(x, w).compile().as_text().count(MATMUL_CALL) == (3 if library == 'onednn' else 0)
+    assert jax.jit(product).lower(x, w).compile().as_text().count(MATMUL_CALL) == (library == 'onednn')
+    results[library] = program(x, w), jax.jit(product)(x, w)
+  (onednn, onednn_value), (xla, _) = results['onednn'], results['xla']
+  np.testing.assert_allclose(onednn_value, np.einsum(spec, np.float64(x), np.float64(w)), rtol=1e-4, atol=1e-4)
+  for got, want in zip(jax.tree.leaves(onednn), jax.tree.leaves(xla)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize('case, spec, lhs_shape, rhs_shape', [
+    ('small', 'bhwc,co->bhwo', (1, 8, 8, 16), (16, 16)),
+    ('bfloat16', 'bhwc,co->bhwo', (4, 16, 16, 64), (64, 160)),
+    ('batch not leading', 'ibc,bjc->bij', (64, 4, 32), (4, 64, 32)),
+    ('contracting between free', 'kmj,kjn->mn', (8, 64, 16), (8, 16, 96)),
+])
+def test_dots_that_onednn_does_not_take_keep_jax_lowering(kernels, case, spec, lhs_shape, rhs_shape):
+  """Dots below ONEDNN_MATMUL_MIN_FLOPS, in bfloat16, with batch dimensions that do not lead an operand, or with
+  contracting dimensions between free ones compile without oneDNN's call and equal NumPy's einsum."""
+  kernels('onednn')
+  dtype = jnp.bfloat16 if case == 'bfloat16' else jnp.float32
+  x = jax.random.normal(jax.random.key(0), lhs_shape, dtype)
+  w = jax.random.normal(jax.random.key(1), rhs_shape, dtype)
+  program = jax.jit(lambda x, w: jnp.einsum(spec, x, w, preferred_element_type=jnp.float32))
+  assert MATMUL_CALL not in program.lower(x, w).compile().as_text()
+  tolerance = 2e-2 if dtype == jnp.bfloat16 else 1e-4
+  expected = np.einsum(spec, np.float64(x.astype(jnp.float32)), np.float64(w.astype(jnp.float32)))
+  np.testing.assert_allclose(program(x, w), expected, rtol=tolerance, atol=tolerance * 10)
+
+
+@needs_onednn
+def test_onednn_matmuls_count_their_flops_as_xla_does(kernels):
+  """perf.cost_flops counts a oneDNN matmul (both operands transposed) as XLA's cost analysis counts the dot:
+  2 x batch 3 x 40 x 56 outputs x 48 products each."""
+  from diffusion_jax import perf  # pylint: disable=g-import-not-at-top
+  counts = {}
+  for library in ('onednn', 'xla'):
+    kernels(library)
+    lowered = jax.jit(transposed_product).lower(jnp.ones((3, 48, 40)), jnp.ones((3, 56, 48)))
+    assert lowered.compile().as_text().count(MATMUL_CALL) == (library == 'onednn')
+    counts[library] = perf.cost_flops(lowered), perf.cost_flops(lowered.compile())
+  assert counts['xla'] == counts['onednn'] == (2 * 3 * 40 * 56 * 48,) * 2
