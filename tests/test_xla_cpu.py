@@ -399,7 +399,7 @@ def test_tune_leaves_accelerators_alone(kernels, monkeypatch):
 
 @needs_onednn
 def test_tune_checks_onednn_and_falls_back_to_xla_kernels(kernels, monkeypatch):
-  """tune sets the config's library, keeps oneDNN where its check against NumPy passes (here), and turns to Eigen
+  """tune sets the config's kernels, keeps oneDNN where its check against NumPy passes (here), and turns to XLA's
   where it does not."""
   xla_cpu.tune(tiny_config_with('onednn'))
   assert xla_cpu.kernels() == 'onednn'
@@ -471,7 +471,7 @@ print(total, sum(name.startswith('jit__lambda') for name in os.listdir(cache)), 
 @needs_onednn
 def test_onednn_convolutions_turn_the_compilation_cache_off():
   """XLA cannot serialize a program with a oneDNN call (JAX's attempt fails or crashes), so with 'onednn' no
-  program is written to the persistent cache and nothing warns; with Eigen the same program is cached."""
+  program is written to the persistent cache and nothing warns; with XLA's kernels the same program is cached."""
   runs = {library: run_python(ONEDNN_AND_THE_CACHE, library, env={'XLA_FLAGS': ''}) for library in ('onednn', 'xla')}
   for library, result in runs.items():
     assert result.returncode == 0, (library, result.stderr[-2000:])
@@ -482,10 +482,11 @@ def test_onednn_convolutions_turn_the_compilation_cache_off():
 
 @needs_onednn
 @pytest.mark.slow
-def test_a_train_step_with_onednn_equals_xla_kernels(kernels):
+def test_a_train_step_with_onednn_equals_xla_kernels(kernels, monkeypatch):
   """Two train steps of the tiny U-Net (dropout, attention, class labels; the second with a learning rate above
-  0) give the same loss, gradient norm and parameters, to float32 rounding, with its convolutions on oneDNN and
-  on Eigen; its program has oneDNN's calls."""
+  0) give the same loss, gradient norm and parameters, to float32 rounding, with its convolutions and dots (all of
+  them, however small, here) on oneDNN and on XLA's kernels; its program has oneDNN's calls of both kinds."""
+  monkeypatch.setattr(xla_cpu, 'ONEDNN_MATMUL_MIN_FLOPS', (0, 0))
   from diffusion_jax import experiment, train  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   config.model.dropout, config.training.batch_size, config.optim.warmup_steps = 0.1, 8, 0
@@ -498,18 +499,18 @@ def test_a_train_step_with_onednn_equals_xla_kernels(kernels):
     step = train.make_train_step(exp)
     sharded = train.shard_batch(batch, exp.mesh, exp.grad_accum_steps)
     program = step.whole.lower(exp.abstract_state, sharded, jax.random.key(1)).compile().as_text()
-    calls[library] = program.count(ONEDNN_CALL)
+    calls[library] = program.count(ONEDNN_CALL), program.count(MATMUL_CALL)
     state = exp.init_state(jax.random.key(0))
     before = jax.tree.map(np.array, state.params)  # Copies: the step donates the state.
     for _ in range(2):  # The warmup's first learning rate is 0.
       state, metrics = step(state, sharded, jax.random.key(1))
     results[library] = (float(metrics['loss']), float(metrics['grad_norm']), state.params)
-  assert calls == {'onednn': calls['onednn'], 'xla': 0} and calls['onednn'] > 0, calls
-  (loss, grad_norm, params), (eigen_loss, eigen_grad_norm, eigen_params) = results['onednn'], results['xla']
-  assert loss == pytest.approx(eigen_loss, rel=1e-5) and grad_norm == pytest.approx(eigen_grad_norm, rel=1e-4)
+  assert calls['xla'] == (0, 0) and min(calls['onednn']) > 0, calls
+  (loss, grad_norm, params), (xla_loss, xla_grad_norm, xla_params) = results['onednn'], results['xla']
+  assert loss == pytest.approx(xla_loss, rel=1e-5) and grad_norm == pytest.approx(xla_grad_norm, rel=1e-4)
   moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before))]
   assert max(moved) > 1e-4  # The second step updated the parameters.
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(eigen_params)):
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(xla_params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -567,35 +568,56 @@ def test_onednn_matmuls_equal_xla_dots(kernels, product, spec, lhs_shape, rhs_sh
 
 
 @needs_onednn
-@pytest.mark.parametrize('case, spec, lhs_shape, rhs_shape', [
-    ('small', 'bhwc,co->bhwo', (1, 8, 8, 16), (16, 16)),
-    ('bfloat16', 'bhwc,co->bhwo', (4, 16, 16, 64), (64, 160)),
-    ('batch not leading', 'ibc,bjc->bij', (64, 4, 32), (4, 64, 32)),
-    ('contracting between free', 'kmj,kjn->mn', (8, 64, 16), (8, 16, 96)),
+@pytest.mark.parametrize('case, numbers, lhs_shape, rhs_shape, onednn', [
+    # (((lhs contracting), (rhs contracting)), ((lhs batch), (rhs batch))) of lax.dot_general.
+    ('unbatched, 2^23 FLOPs', (((1,), (0,)), ((), ())), (128, 256), (256, 128), False),
+    ('unbatched, 2^24 FLOPs', (((1,), (0,)), ((), ())), (128, 256), (256, 256), True),
+    ('batched, 2^18 FLOPs', (((2,), (1,)), ((0,), (0,))), (2, 32, 32), (2, 32, 64), False),
+    ('bfloat16', (((1,), (0,)), ((), ())), (512, 256), (256, 256), False),
+    ('batch not leading', (((2,), (2,)), ((1,), (0,))), (64, 4, 32), (4, 64, 32), False),
+    ('batches in another order', (((3,), (2,)), ((0, 1), (1, 0))), (2, 3, 64, 32), (3, 2, 32, 64), False),
+    ('contracting between free', (((0, 2), (0, 1)), ((), ())), (8, 512, 64), (8, 64, 512), False),
+    ('contracting pairs crossed', (((1, 2), (1, 0)), ((), ())), (256, 8, 16), (16, 8, 256), False),
+    ('contracting pairs reversed', (((2, 1), (1, 0)), ((), ())), (256, 8, 16), (8, 16, 256), True),
 ])
-def test_dots_that_onednn_does_not_take_keep_jax_lowering(kernels, case, spec, lhs_shape, rhs_shape):
-  """Dots below ONEDNN_MATMUL_MIN_FLOPS, in bfloat16, with batch dimensions that do not lead an operand, or with
-  contracting dimensions between free ones compile without oneDNN's call and equal NumPy's einsum."""
+def test_which_dots_onednn_takes(kernels, case, numbers, lhs_shape, rhs_shape, onednn):
+  """oneDNN takes float32 dots from ONEDNN_MATMUL_MIN_FLOPS on whose batch dimensions lead both operands in one
+  order and whose contracting dimensions pair up in order (however listed); the others (smaller, bfloat16, other
+  batch or contracting dimensions) compile without its call. All equal NumPy's einsum."""
   kernels('onednn')
   dtype = jnp.bfloat16 if case == 'bfloat16' else jnp.float32
   x = jax.random.normal(jax.random.key(0), lhs_shape, dtype)
   w = jax.random.normal(jax.random.key(1), rhs_shape, dtype)
-  program = jax.jit(lambda x, w: jnp.einsum(spec, x, w, preferred_element_type=jnp.float32))
-  assert MATMUL_CALL not in program.lower(x, w).compile().as_text()
-  tolerance = 2e-2 if dtype == jnp.bfloat16 else 1e-4
+  program = jax.jit(lambda x, w: jax.lax.dot_general(x, w, numbers, preferred_element_type=jnp.float32))
+  assert (MATMUL_CALL in program.lower(x, w).compile().as_text()) == onednn
+  (lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch) = numbers
+  letters = iter('abcdefgh')
+  lhs_letters, rhs_letters = [next(letters) for _ in lhs_shape], [None] * len(rhs_shape)
+  for l, r in [*zip(lhs_contracting, rhs_contracting), *zip(lhs_batch, rhs_batch)]:
+    rhs_letters[r] = lhs_letters[l]
+  rhs_letters = [letter or next(letters) for letter in rhs_letters]
+  free = lambda names, skip: [n for i, n in enumerate(names) if i not in skip]
+  out = ([lhs_letters[d] for d in lhs_batch] + free(lhs_letters, (*lhs_contracting, *lhs_batch))
+         + free(rhs_letters, (*rhs_contracting, *rhs_batch)))
+  spec = f'{"".join(lhs_letters)},{"".join(rhs_letters)}->{"".join(out)}'
   expected = np.einsum(spec, np.float64(x.astype(jnp.float32)), np.float64(w.astype(jnp.float32)))
+  tolerance = 2e-2 if dtype == jnp.bfloat16 else 1e-4
   np.testing.assert_allclose(program(x, w), expected, rtol=tolerance, atol=tolerance * 10)
 
 
 @needs_onednn
-def test_onednn_matmuls_count_their_flops_as_xla_does(kernels):
-  """perf.cost_flops counts a oneDNN matmul (both operands transposed) as XLA's cost analysis counts the dot:
-  2 x batch 3 x 40 x 56 outputs x 48 products each."""
+@pytest.mark.parametrize('product, lhs_shape, rhs_shape', [
+    (transposed_product, (3, 48, 40), (3, 56, 48)),  # lhs stored (K, M).
+    (attention_logits, (3, 40, 48), (3, 56, 48)),  # lhs stored (M, K).
+])
+def test_onednn_matmuls_count_their_flops_as_xla_does(kernels, product, lhs_shape, rhs_shape):
+  """perf.cost_flops counts a oneDNN matmul as XLA's cost analysis counts the dot: 2 x batch 3 x 40 x 56
+  outputs x 48 products each."""
   from diffusion_jax import perf  # pylint: disable=g-import-not-at-top
   counts = {}
   for library in ('onednn', 'xla'):
     kernels(library)
-    lowered = jax.jit(transposed_product).lower(jnp.ones((3, 48, 40)), jnp.ones((3, 56, 48)))
+    lowered = jax.jit(product).lower(jnp.ones(lhs_shape), jnp.ones(rhs_shape))
     assert lowered.compile().as_text().count(MATMUL_CALL) == (library == 'onednn')
     counts[library] = perf.cost_flops(lowered), perf.cost_flops(lowered.compile())
   assert counts['xla'] == counts['onednn'] == (2 * 3 * 40 * 56 * 48,) * 2
